@@ -1,0 +1,127 @@
+"""The `gguf-appliance` command: serve, fetch, info, settings."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from .errors import ModelError
+from .settings import ENV_PREFIX, Settings, load_settings
+
+
+def _settings(args: argparse.Namespace, **overrides: Any) -> Settings:
+    return load_settings(args.env_file, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .logs import configure_logging
+    from .server import serve
+
+    settings = _settings(args, host=args.host, port=args.port, model=args.model)
+    configure_logging(settings.log_level, settings.log_format)
+    serve(settings)
+    return 0
+
+
+def cmd_fetch(args: argparse.Namespace) -> int:
+    from .sources import fetch_model
+
+    settings = _settings(args, model=args.source, model_sha256=args.sha256)
+    info = fetch_model(settings.model, sha256=settings.model_sha256)
+    print(info.path)
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from .sources import fetch_model
+
+    settings = _settings(args, model=args.source)
+    info = fetch_model(settings.model).as_dict()
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        width = max(map(len, info))
+        for key, value in info.items():
+            print(f"{key:<{width}}  {value}")
+    return 0
+
+
+def settings_markdown() -> str:
+    """A table of every setting: its variable, default and description (for the README)."""
+    rows = ["| Variable | Default | Description |", "| --- | --- | --- |"]
+    for name, field in Settings.model_fields.items():
+        if field.default_factory is not None:
+            default = "(computed)" if name == "threads" else "(empty)"
+        else:
+            default = "(none)" if field.default is None else f"`{field.default}`"
+        rows.append(f"| `{ENV_PREFIX}{name.upper()}` | {default} | {field.description} |")
+    return "\n".join(rows)
+
+
+def cmd_settings(args: argparse.Namespace) -> int:
+    if args.markdown:
+        print(settings_markdown())
+    else:
+        print(_settings(args).model_dump_json(indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gguf-appliance", description="A streaming LLM node over llama.cpp."
+    )
+    parser.add_argument(
+        "--env-file",
+        type=Path,
+        default=None,
+        help=f"settings file (default: ${ENV_PREFIX}ENV_FILE or /etc/gguf-appliance/appliance.env)",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="serve the API and the chat page")
+    serve.add_argument("--host", default=None)
+    serve.add_argument("--port", type=int, default=None)
+    serve.add_argument("--model", default=None, help="model source (overrides the settings)")
+    serve.set_defaults(func=cmd_serve)
+
+    fetch = sub.add_parser("fetch", help="make a model available locally and verify it")
+    fetch.add_argument("source", nargs="?", default=None, help="model source (default: settings)")
+    fetch.add_argument("--sha256", default=None, help="expected sha256 of the file")
+    fetch.set_defaults(func=cmd_fetch)
+
+    info = sub.add_parser("info", help="print a model's metadata")
+    info.add_argument("source", nargs="?", default=None, help="model source (default: settings)")
+    info.add_argument("--json", action="store_true")
+    info.set_defaults(func=cmd_info)
+
+    settings = sub.add_parser("settings", help="print the effective settings")
+    settings.add_argument("--markdown", action="store_true", help="the table of every setting")
+    settings.set_defaults(func=cmd_settings)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except ModelError as exc:
+        print(f"gguf-appliance: {exc.message}", file=sys.stderr)
+        return 1
+    except ValidationError as exc:
+        first = exc.errors(include_url=False)[0]
+        where = ".".join(map(str, first["loc"]))
+        print(f"gguf-appliance: invalid setting {where}: {first['msg']}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as exc:
+        print(f"gguf-appliance: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,156 @@
+"""POST /generate: the chat page's endpoint, streamed as server-sent events.
+
+Events: `token` ({"text"}), then one `done` ({"finish_reason", "prompt_tokens",
+"completion_tokens", "time_to_first_token", "tokens_per_second", ...}) or one `error`
+({"message", "code", "status"}).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from sse_starlette import EventSourceResponse, ServerSentEvent
+from starlette.requests import Request
+from starlette.responses import Response
+
+from .engine import DoneEvent, Engine, ErrorEvent, Generation, GenerationParams, TokenEvent
+from .errors import ApplianceError, InvalidRequest
+from .schemas import GenerateRequest, parse_body
+from .settings import Settings
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused with 413 past `limit` bytes (also when no length is sent)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise BodyTooLarge(f"the request body is larger than {limit} bytes")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise BodyTooLarge(f"the request body is larger than {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+class ClientDisconnected(ApplianceError):
+    status_code = 499  # NGINX's code for it: logged and counted, never seen by the client
+    code = "client_disconnected"
+
+
+class BodyTooLarge(InvalidRequest):
+    status_code = 413
+    code = "request_too_large"
+
+
+def start(
+    request: Request, tokenize: Callable[[Engine], list[int]], params: GenerationParams
+) -> Generation:
+    """Tokenize and submit on the app's engine; raises ApplianceError before any response."""
+    engine: Engine = request.app.state.engine
+    settings: Settings = request.app.state.settings
+    return engine.submit(tokenize(engine), params, timeout=settings.request_timeout)
+
+
+async def until_disconnect(request: Request) -> None:
+    """Return when the client closes the connection (the body must already be read)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def collect(request: Request, generation: Generation) -> tuple[str, DoneEvent]:
+    """Run a generation to its end for a non-streamed answer; cancel it if the client leaves."""
+    parts: list[str] = []
+
+    async def consume() -> DoneEvent:
+        async for event in generation.events():
+            if isinstance(event, TokenEvent):
+                parts.append(event.text)
+            elif isinstance(event, DoneEvent):
+                return event
+            else:
+                raise event.error
+        raise AssertionError("a generation ends with a done or error event")
+
+    consumer = asyncio.ensure_future(consume())
+    watcher = asyncio.ensure_future(until_disconnect(request))
+    try:
+        await asyncio.wait({consumer, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not consumer.done():
+            generation.cancel()
+            consumer.cancel()
+    if consumer.cancelled():
+        raise ClientDisconnected("the client closed the connection before the answer was ready")
+    return "".join(parts), consumer.result()
+
+
+async def guarded(generation: Generation, events: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    """Pass `events` through; whatever ends the stream early (a disconnect) cancels the work."""
+    try:
+        async for item in events:
+            yield item
+    finally:
+        generation.cancel()
+
+
+def sse_response(generation: Generation, events: AsyncIterator[Any]) -> Response:
+    # X-Accel-Buffering: NGINX must pass each event on at once, whatever its site file says.
+    return EventSourceResponse(
+        guarded(generation, events),
+        headers={"X-Accel-Buffering": "no", "Cache-Control": "no-cache"},
+        ping=15,
+    )
+
+
+def _json(data: dict[str, Any]) -> str:
+    return json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+
+
+async def _generate_events(generation: Generation) -> AsyncIterator[ServerSentEvent]:
+    async for event in generation.events():
+        if isinstance(event, TokenEvent):
+            yield ServerSentEvent(_json({"text": event.text}), event="token")
+        elif isinstance(event, DoneEvent):
+            yield ServerSentEvent(_json(done_payload(event)), event="done")
+        elif isinstance(event, ErrorEvent):
+            yield ServerSentEvent(_json(error_payload(event.error)), event="error")
+
+
+def done_payload(done: DoneEvent) -> dict[str, Any]:
+    return {
+        "finish_reason": done.finish_reason,
+        "prompt_tokens": done.prompt_tokens,
+        "completion_tokens": done.completion_tokens,
+        "time_to_first_token": _round(done.time_to_first_token),
+        "tokens_per_second": _round(done.tokens_per_second, 2),
+        "queue_seconds": _round(done.queue_seconds),
+        "duration": _round(done.duration),
+    }
+
+
+def error_payload(error: ApplianceError) -> dict[str, Any]:
+    return {"message": error.message, "code": error.code, "status": error.status_code}
+
+
+def _round(value: float | None, digits: int = 4) -> float | None:
+    return None if value is None else round(value, digits)
+
+
+async def generate(request: Request) -> Response:
+    settings: Settings = request.app.state.settings
+    body = parse_body(await read_body(request, settings.max_body_bytes), GenerateRequest)
+    params = body.generation_params(settings.effective_default_max_tokens)
+    if body.messages is not None:
+        messages = [m.as_template_message() for m in body.messages]
+        generation = start(request, lambda e: e.tokenize_messages(messages), params)
+    else:
+        prompt = body.prompt or ""
+        generation = start(request, lambda e: e.tokenize_prompt(prompt), params)
+    return sse_response(generation, _generate_events(generation))

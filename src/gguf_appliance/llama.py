@@ -1,0 +1,226 @@
+"""The model and its context, through llama-cpp-python's low-level API.
+
+Nothing here is thread-safe: the engine's worker thread is the only caller of the context
+functions. Tokenizing and rendering chat templates only read the vocabulary and may run on any
+thread.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, cast
+
+import llama_cpp as C
+from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+from .errors import InvalidRequest, ModelError
+
+log = logging.getLogger("gguf_appliance.llama")
+
+# ggml_log_level: 1 debug, 2 info, 3 warn, 4 error, 5 continues the previous line.
+_GGML_LEVELS = {1: logging.DEBUG, 2: logging.DEBUG, 3: logging.WARNING, 4: logging.ERROR}
+
+
+@C.llama_log_callback  # type: ignore[untyped-decorator]
+def _log_to_python(level: int, text: bytes, _user_data: ctypes.c_void_p) -> None:
+    # llama.cpp's info lines (tensor lists, buffer sizes) go to debug; warnings and errors stay.
+    line = text.decode("utf-8", "replace").rstrip()
+    if line:
+        log.log(_GGML_LEVELS.get(level, logging.DEBUG), "%s", line)
+
+
+_backend_ready = False
+
+
+def _init_backend() -> None:
+    global _backend_ready
+    if not _backend_ready:
+        C.llama_log_set(_log_to_python, ctypes.c_void_p(0))
+        C.llama_backend_init()
+        _backend_ready = True
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.8
+    top_p: float = 0.95
+    top_k: int = 40
+    min_p: float = 0.05
+    repeat_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repeat_last_n: int = 64
+    seed: int | None = None
+
+
+class LlamaModel:
+    """A loaded GGUF model with one context of `n_seq` sequences."""
+
+    def __init__(self, path: Path, *, n_ctx: int, n_seq: int, n_batch: int, threads: int) -> None:
+        _init_backend()
+        self.path = path
+        mparams = C.llama_model_default_params()
+        self.model = C.llama_model_load_from_file(str(path).encode(), mparams)
+        if not self.model:
+            raise ModelError(f"llama.cpp could not load {path} (see the log for the reason)")
+        self.vocab = C.llama_model_get_vocab(self.model)
+        cparams = C.llama_context_default_params()
+        cparams.n_ctx = n_ctx
+        cparams.n_batch = n_batch
+        cparams.n_ubatch = n_batch
+        cparams.n_seq_max = n_seq
+        cparams.n_threads = threads
+        cparams.n_threads_batch = threads
+        cparams.kv_unified = False  # every sequence owns n_ctx / n_seq cells: no starvation
+        cparams.no_perf = True
+        self.ctx = C.llama_init_from_model(self.model, cparams)
+        if not self.ctx:
+            C.llama_model_free(self.model)
+            raise ModelError(f"llama.cpp could not create a context of {n_ctx} tokens for {path}")
+        self.memory = C.llama_get_memory(self.ctx)
+        self.n_ctx_seq = int(C.llama_n_ctx_seq(self.ctx))
+        self.n_batch = n_batch
+        self.n_vocab = int(C.llama_vocab_n_tokens(self.vocab))
+        self.n_params = int(C.llama_model_n_params(self.model))
+        self._piece_buf = ctypes.create_string_buffer(256)
+        self._chat = self._chat_formatter()
+
+    # --- text and tokens (any thread) ---
+
+    def tokenize(self, text: str, *, add_special: bool, parse_special: bool) -> list[int]:
+        data = text.encode("utf-8")
+        n_max = len(data) + 8
+        tokens = (C.llama_token * n_max)()
+        n = C.llama_tokenize(self.vocab, data, len(data), tokens, n_max, add_special, parse_special)
+        if n < 0:
+            tokens = (C.llama_token * -n)()
+            n = C.llama_tokenize(
+                self.vocab, data, len(data), tokens, -n, add_special, parse_special
+            )
+        return list(tokens[:n])
+
+    def token_text(self, token: int) -> str:
+        return bytes(C.llama_vocab_get_text(self.vocab, token) or b"").decode("utf-8", "replace")
+
+    def piece(self, token: int) -> bytes:
+        """The bytes a generated token stands for (control tokens render as nothing)."""
+        buf = self._piece_buf
+        n = C.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, False)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = C.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, False)
+        return buf.raw[:n]
+
+    def is_eog(self, token: int) -> bool:
+        return bool(C.llama_vocab_is_eog(self.vocab, token))
+
+    @property
+    def has_chat_template(self) -> bool:
+        return self._chat is not None
+
+    def _chat_formatter(self) -> Jinja2ChatFormatter | None:
+        template = C.llama_model_chat_template(self.model, None)
+        if not template:
+            return None
+        return Jinja2ChatFormatter(
+            template=template.decode("utf-8"),
+            eos_token=self.token_text(C.llama_vocab_eos(self.vocab)),
+            bos_token=self.token_text(C.llama_vocab_bos(self.vocab)),
+        )
+
+    def chat_prompt(self, messages: Sequence[dict[str, Any]]) -> list[int]:
+        if self._chat is None:
+            raise InvalidRequest("this model has no chat template: send a prompt, not messages")
+        try:
+            rendered = self._chat(messages=cast(Any, list(messages)))
+        except Exception as exc:  # jinja raises TemplateError (and raise_exception's own)
+            raise InvalidRequest(f"the chat template rejected the messages: {exc}") from None
+        bos = self.token_text(C.llama_vocab_bos(self.vocab))
+        add_special = not (bos and rendered.prompt.startswith(bos))
+        return self.tokenize(rendered.prompt, add_special=add_special, parse_special=True)
+
+    def text_prompt(self, prompt: str) -> list[int]:
+        return self.tokenize(prompt, add_special=True, parse_special=False)
+
+    # --- decoding (the worker thread only) ---
+
+    def new_sampler(self, params: SamplingParams) -> Any:
+        chain = C.llama_sampler_chain_init(C.llama_sampler_chain_default_params())
+        add = C.llama_sampler_chain_add
+        if (params.repeat_penalty, params.frequency_penalty, params.presence_penalty) != (1, 0, 0):
+            add(
+                chain,
+                C.llama_sampler_init_penalties(
+                    self.n_vocab,
+                    params.repeat_last_n,
+                    params.repeat_penalty,
+                    params.frequency_penalty,
+                    params.presence_penalty,
+                ),
+            )
+        if params.temperature <= 0.0:
+            add(chain, C.llama_sampler_init_greedy())
+            return chain
+        if params.top_k > 0:
+            add(chain, C.llama_sampler_init_top_k(params.top_k))
+        if params.top_p < 1.0:
+            add(chain, C.llama_sampler_init_top_p(params.top_p, 1))
+        if params.min_p > 0.0:
+            add(chain, C.llama_sampler_init_min_p(params.min_p, 1))
+        add(chain, C.llama_sampler_init_temp(params.temperature))
+        seed = C.LLAMA_DEFAULT_SEED if params.seed is None else params.seed & 0xFFFFFFFF
+        add(chain, C.llama_sampler_init_dist(seed))
+        return chain
+
+    @staticmethod
+    def free_sampler(sampler: Any) -> None:
+        C.llama_sampler_free(sampler)
+
+    def sample(self, sampler: Any, batch_index: int) -> int:
+        return int(C.llama_sampler_sample(sampler, self.ctx, batch_index))
+
+    def forget(self, seq: int) -> None:
+        C.llama_memory_seq_rm(self.memory, seq, -1, -1)
+
+    def decode(self, batch: Batch) -> int:
+        return int(C.llama_decode(self.ctx, batch.raw))
+
+    def close(self) -> None:
+        if self.ctx:
+            C.llama_free(self.ctx)
+            self.ctx = None
+        if self.model:
+            C.llama_model_free(self.model)
+            self.model = None
+
+
+class Batch:
+    """A reusable llama_batch: tokens of several sequences for one decode step."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.raw = C.llama_batch_init(capacity, 0, 1)
+        self.n = 0
+
+    def clear(self) -> None:
+        self.n = 0
+        self.raw.n_tokens = 0
+
+    def add(self, token: int, pos: int, seq: int, logits: bool) -> int:
+        i = self.n
+        raw = self.raw
+        raw.token[i] = token
+        raw.pos[i] = pos
+        raw.n_seq_id[i] = 1
+        raw.seq_id[i][0] = seq
+        raw.logits[i] = logits
+        self.n = i + 1
+        raw.n_tokens = self.n
+        return i
+
+    def free(self) -> None:
+        C.llama_batch_free(self.raw)

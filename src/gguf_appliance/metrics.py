@@ -1,0 +1,94 @@
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+)
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
+
+from .engine import DoneEvent, Engine
+
+_LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300)
+_TTFT_BUCKETS = (0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1, 2, 5, 10, 30)
+
+
+class Metrics:
+    """The node's Prometheus metrics, in a registry of its own (one per app, no globals)."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.registry = registry = CollectorRegistry()
+        ProcessCollector(registry=registry)
+        PlatformCollector(registry=registry)
+        p = "gguf_appliance_"
+        self.requests = Counter(
+            p + "requests",
+            "HTTP requests by route and status.",
+            ["route", "status"],
+            registry=registry,
+        )
+        self.request_seconds = Histogram(
+            p + "request_duration_seconds",
+            "Time from request to the end of the response.",
+            ["route"],
+            buckets=_LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.ttft_seconds = Histogram(
+            p + "time_to_first_token_seconds",
+            "Time from submission to the first token.",
+            buckets=_TTFT_BUCKETS,
+            registry=registry,
+        )
+        registry.register(_TokenCollector(engine))
+        self.generations = Counter(
+            p + "generations",
+            "Finished generations by finish reason.",
+            ["finish_reason"],
+            registry=registry,
+        )
+        Gauge(p + "queue_depth", "Requests waiting for a slot.", registry=registry).set_function(
+            lambda: engine.queue_depth
+        )
+        Gauge(
+            p + "busy_slots", "Slots generating or reading a prompt.", registry=registry
+        ).set_function(lambda: engine.busy_slots)
+        Gauge(p + "slots", "Slots of the engine.", registry=registry).set(engine.config.n_slots)
+        Gauge(
+            p + "model_load_seconds",
+            "Seconds the model took to load (0 until loaded).",
+            registry=registry,
+        ).set_function(lambda: engine.load_seconds or 0.0)
+        Gauge(p + "ready", "1 when the node takes requests.", registry=registry).set_function(
+            lambda: float(engine.ready and not engine.draining)
+        )
+
+    def observe_generation(self, done: DoneEvent) -> None:
+        self.generations.labels(done.finish_reason).inc()
+        if done.time_to_first_token is not None:
+            self.ttft_seconds.observe(done.time_to_first_token)
+
+
+class _TokenCollector(Collector):
+    """Token counts read live from the engine, so they grow while an answer streams."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        yield CounterMetricFamily(
+            "gguf_appliance_prompt_tokens",
+            "Prompt tokens evaluated.",
+            value=self.engine.prompt_tokens_total,
+        )
+        yield CounterMetricFamily(
+            "gguf_appliance_completion_tokens",
+            "Tokens generated.",
+            value=self.engine.completion_tokens_total,
+        )

@@ -1,0 +1,65 @@
+"""Running the app under uvicorn, with a drain on SIGTERM.
+
+On the first SIGTERM (or Ctrl-C) the node drains: /health/ready answers 503 so the load
+balancer stops sending, new generation requests get 503, and the streams in flight run to their
+end for at most `drain_timeout` seconds; what is left then ends with an error event. Only then
+does uvicorn close the socket and exit. A second Ctrl-C exits at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import time
+from types import FrameType
+
+import uvicorn
+from starlette.applications import Starlette
+
+from .app import create_app
+from .engine import Engine
+from .errors import Draining
+from .settings import Settings
+
+log = logging.getLogger("gguf_appliance.server")
+
+
+class DrainingServer(uvicorn.Server):
+    def __init__(self, config: uvicorn.Config, engine: Engine, drain_timeout: float) -> None:
+        super().__init__(config)
+        self.engine = engine
+        self.drain_timeout = drain_timeout
+        self.drain_started: float | None = None
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self.drain_started is None:
+            self.drain_started = time.monotonic()
+            self.engine.draining = True
+            log.info("draining: %d request(s) in flight", self.engine.in_flight)
+        elif sig == signal.SIGINT:
+            self.should_exit = self.force_exit = True
+
+    async def on_tick(self, counter: int) -> bool:
+        if self.drain_started is not None and not self.should_exit:
+            overdue = time.monotonic() - self.drain_started >= self.drain_timeout
+            if overdue and self.engine.in_flight:
+                log.warning("drain timeout: ending %d request(s)", self.engine.in_flight)
+                self.engine.abort_all(Draining("the node shut down before the answer finished"))
+            if overdue or not self.engine.in_flight:
+                self.should_exit = True
+        return await super().on_tick(counter)
+
+
+def serve(settings: Settings) -> None:
+    app: Starlette = create_app(settings)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=5,
+        timeout_keep_alive=5,
+    )
+    server = DrainingServer(config, app.state.engine, settings.drain_timeout)
+    server.run()

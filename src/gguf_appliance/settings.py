@@ -1,0 +1,175 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+ENV_PREFIX = "GGUF_APPLIANCE_"
+DEFAULT_ENV_FILE = Path("/etc/gguf-appliance/appliance.env")
+DEFAULT_MODEL = "bundled:smollm2-135m-instruct-q4_1"
+
+
+def physical_cores() -> int:
+    """Physical cores this process may run on (hyperthread siblings counted once)."""
+    cpus = sorted(os.sched_getaffinity(0))
+    cores: set[tuple[str, str]] = set()
+    for cpu in cpus:
+        topology = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology")
+        try:
+            package = (topology / "physical_package_id").read_text().strip()
+            core = (topology / "core_id").read_text().strip()
+        except OSError:
+            return max(1, len(cpus))
+        cores.add((package, core))
+    return max(1, len(cores))
+
+
+def _split_list(value: Any) -> Any:
+    if isinstance(value, str):
+        return [item.strip() for item in value.split(",") if item.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_file=None,
+        extra="ignore",
+        validate_default=True,
+    )
+
+    model: str = Field(
+        DEFAULT_MODEL,
+        min_length=1,
+        description="Model source: `bundled:NAME`, a local path or `file://` URL.",
+    )
+    model_sha256: str | None = Field(
+        None,
+        pattern=r"^[0-9a-fA-F]{64}$",
+        description="Expected sha256 of the model file; the model is refused if it differs.",
+    )
+    models_dir: Path = Field(
+        Path("/var/lib/gguf-appliance/models"),
+        description="Directory that holds fetched models.",
+    )
+    model_alias: str | None = Field(
+        None,
+        min_length=1,
+        max_length=128,
+        description="Model id shown by /v1/models (default: the file name without .gguf).",
+    )
+    n_ctx: int = Field(
+        4096,
+        ge=256,
+        le=131072,
+        description="Context size in tokens, shared by all slots.",
+    )
+    n_slots: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="Sequences decoded together; each gets n_ctx / n_slots tokens of context.",
+    )
+    n_batch: int = Field(
+        512,
+        ge=32,
+        le=8192,
+        description="Most prompt tokens evaluated in one decode step.",
+    )
+    threads: int = Field(
+        default_factory=physical_cores,
+        ge=1,
+        le=512,
+        description="CPU threads for decoding (default: the physical cores).",
+    )
+    host: str = Field("127.0.0.1", min_length=1, description="Address the server listens on.")
+    port: int = Field(8000, ge=1, le=65535, description="Port the server listens on.")
+    queue_size: int = Field(
+        16,
+        ge=0,
+        le=10000,
+        description="Requests that may wait for a free slot; beyond it the server answers 503.",
+    )
+    max_tokens_cap: int = Field(
+        2048,
+        ge=1,
+        le=131072,
+        description="Largest max_tokens a request may ask for.",
+    )
+    default_max_tokens: int = Field(
+        512,
+        ge=1,
+        le=131072,
+        description="max_tokens of a request that gives none (never above max_tokens_cap).",
+    )
+    request_timeout: float = Field(
+        300.0,
+        gt=0,
+        le=86400,
+        description="Seconds a request may take, queue wait included, before it is ended.",
+    )
+    drain_timeout: float = Field(
+        30.0,
+        ge=0,
+        le=3600,
+        description="Seconds in-flight streams get to finish after SIGTERM.",
+    )
+    retry_after: int = Field(
+        2,
+        ge=1,
+        le=3600,
+        description="Retry-After seconds sent with 503 when the queue is full.",
+    )
+    max_body_bytes: int = Field(
+        1_048_576,
+        ge=1024,
+        le=64 * 1_048_576,
+        description="Largest request body in bytes; a larger one gets 413.",
+    )
+    api_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Bearer keys required on /generate and /v1 (comma-separated); empty: open.",
+    )
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Origins allowed by CORS (comma-separated); empty: CORS off.",
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        "info", description="Log level."
+    )
+    log_format: Literal["text", "json"] = Field("text", description="Log line format.")
+
+    _split_lists = field_validator("api_keys", "cors_origins", mode="before")(_split_list)
+
+    @field_validator("api_keys")
+    @classmethod
+    def _keys_long_enough(cls, keys: list[str]) -> list[str]:
+        for key in keys:
+            if len(key) < 16:
+                raise ValueError("each API key needs at least 16 characters")
+        return keys
+
+    @property
+    def effective_default_max_tokens(self) -> int:
+        return min(self.default_max_tokens, self.max_tokens_cap)
+
+
+def load_settings(env_file: Path | str | None = None, **overrides: Any) -> Settings:
+    """Settings from the environment and an env file.
+
+    The file is `env_file`, else `$GGUF_APPLIANCE_ENV_FILE`, else the default path when it
+    exists. A file named explicitly must exist. Environment variables win over the file.
+    """
+    explicit = env_file or os.environ.get(ENV_PREFIX + "ENV_FILE")
+    if explicit:
+        path = Path(explicit)
+        if not path.is_file():
+            raise FileNotFoundError(f"env file not found: {path}")
+    else:
+        path = DEFAULT_ENV_FILE
+        if not path.is_file():
+            return Settings(**overrides)
+    return Settings(_env_file=path, **overrides)  # type: ignore[call-arg]

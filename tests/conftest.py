@@ -1,0 +1,135 @@
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from gguf_appliance.engine import Engine, EngineConfig
+from gguf_appliance.settings import DEFAULT_MODEL
+from gguf_appliance.sources import resolve_source
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class RunningServer:
+    """`gguf-appliance serve` in a child process on a loopback port."""
+
+    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+        self.port = free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        full_env = {
+            **os.environ,
+            "GGUF_APPLIANCE_HOST": "127.0.0.1",
+            "GGUF_APPLIANCE_PORT": str(self.port),
+            "GGUF_APPLIANCE_ENV_FILE": "",
+            **env,
+        }
+        self._log = log_path.open("wb")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "gguf_appliance.cli", "serve"],
+            env=full_env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+
+    def url(self, path: str) -> str:
+        return self.base_url + path
+
+    def wait_live(self, timeout: float = 60) -> None:
+        self._wait(lambda r: r.status_code == 200, "/health/live", timeout)
+
+    def wait_ready(self, timeout: float = 60) -> None:
+        self._wait(lambda r: r.status_code == 200, "/health/ready", timeout)
+
+    def _wait(self, ok: Callable[[httpx.Response], bool], path: str, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited with {self.process.returncode}: {self.log()}")
+            try:
+                if ok(httpx.get(self.url(path), timeout=2)):
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.05)
+        raise TimeoutError(f"{path} not reached in {timeout} s: {self.log()}")
+
+    def log(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")[-4000:]
+
+    def metric(self, name: str) -> float:
+        text = httpx.get(self.url("/metrics"), timeout=5).text
+        for line in text.splitlines():
+            if line.startswith(name + " ") or line.startswith(name + "{"):
+                return float(line.rsplit(" ", 1)[1])
+        raise KeyError(name)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)
+            self.process.send_signal(signal.SIGINT)
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._log.close()
+
+
+@pytest.fixture(scope="session")
+def model_path() -> Path:
+    return resolve_source(DEFAULT_MODEL)
+
+
+@pytest.fixture
+def start_server(tmp_path: Path) -> Iterator[Callable[..., RunningServer]]:
+    """Start servers with settings given as keyword arguments (GGUF_APPLIANCE_ names)."""
+    servers: list[RunningServer] = []
+
+    def start(ready: bool = True, **settings: object) -> RunningServer:
+        env = {f"GGUF_APPLIANCE_{k.upper()}": str(v) for k, v in settings.items()}
+        server = RunningServer(env, tmp_path / f"server-{len(servers)}.log")
+        servers.append(server)
+        if ready:
+            server.wait_ready()
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    """One node shared by the tests that only read from it."""
+    log_dir = tmp_path_factory.mktemp("shared-server")
+    node = RunningServer({"GGUF_APPLIANCE_N_CTX": "2048"}, log_dir / "server.log")
+    node.wait_ready()
+    yield node
+    node.stop()
+
+
+@pytest.fixture(scope="session")
+def engine(model_path: Path) -> Iterator[Engine]:
+    """An in-process engine on the real model (each test runs its own event loop)."""
+    eng = Engine(EngineConfig(
+        n_ctx=1024, n_slots=1, n_batch=256, threads=2, queue_size=2, max_tokens_cap=512,
+        retry_after=3,
+    ))
+    eng.load(model_path)
+    yield eng
+    eng.close()
