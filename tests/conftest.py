@@ -71,11 +71,14 @@ class RunningServer:
         self._log.flush()
         return self.log_path.read_text(errors="replace")[-4000:]
 
-    def metric(self, name: str) -> float:
+    def metric(self, name: str, default: float | None = None) -> float:
+        """A sample's value from /metrics: `name` with its labels as Prometheus prints them."""
         text = httpx.get(self.url("/metrics"), timeout=5).text
         for line in text.splitlines():
-            if line.startswith(name + " ") or line.startswith(name + "{"):
+            if line.startswith(name + " "):
                 return float(line.rsplit(" ", 1)[1])
+        if default is not None:
+            return default
         raise KeyError(name)
 
     def stop(self) -> None:
@@ -126,10 +129,17 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
 @pytest.fixture(scope="session")
 def engine(model_path: Path) -> Iterator[Engine]:
     """An in-process engine on the real model (each test runs its own event loop)."""
-    eng = Engine(EngineConfig(
-        n_ctx=1024, n_slots=1, n_batch=256, threads=2, queue_size=2, max_tokens_cap=512,
-        retry_after=3,
-    ))
+    eng = Engine(
+        EngineConfig(
+            n_ctx=1024,
+            n_slots=1,
+            n_batch=256,
+            threads=2,
+            queue_size=2,
+            max_tokens_cap=512,
+            retry_after=3,
+        )
+    )
     eng.load(model_path)
     yield eng
     eng.close()

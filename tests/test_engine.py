@@ -46,6 +46,7 @@ def test_greedy_generation_is_repeatable_and_counts_tokens(engine: Engine) -> No
 
 def test_max_tokens_ends_with_length(engine: Engine) -> None:
     text, done = asyncio.run(run(engine, engine.tokenize_messages(STORY), params(7)))
+    assert text
     assert done.finish_reason == "length"
     assert done.completion_tokens == 7
 

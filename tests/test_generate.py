@@ -42,10 +42,15 @@ def test_generate_takes_a_raw_prompt(server: RunningServer) -> None:
 def test_japanese_and_emoji_stream_intact_and_equal_the_unstreamed_answer(
     server: RunningServer,
 ) -> None:
-    for prompt in ("Translate to Japanese: Good morning, my friend.",
-                   "Use emojis to describe a happy day at the beach."):
-        body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": 48,
-                "temperature": 0}
+    for prompt in (
+        "Translate to Japanese: Good morning, my friend.",
+        "Use emojis to describe a happy day at the beach.",
+    ):
+        body = {
+            "messages": [{"role": "user", "content": prompt}],
+            "max_tokens": 48,
+            "temperature": 0,
+        }
         pieces = [d["text"] for n, d in stream(server, body) if n == "token"]
         whole = httpx.post(server.url("/v1/chat/completions"), json=body, timeout=60).json()
         text = whole["choices"][0]["message"]["content"]

@@ -210,7 +210,8 @@ def create_app(settings: Settings) -> Starlette:
         Route("/metrics", metrics, methods=["GET"]),
         Mount("/", StaticFiles(directory=static_dir(), html=True), name="static"),
     ]
-    middleware = [Middleware(RequestMiddleware, settings=settings, metrics=app_metrics)]
+    # CORS outermost: a browser's preflight carries no key and must not meet the key check.
+    middleware = []
     if settings.cors_origins:
         middleware.append(
             Middleware(
@@ -220,6 +221,7 @@ def create_app(settings: Settings) -> Starlette:
                 allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
             )
         )
+    middleware.append(Middleware(RequestMiddleware, settings=settings, metrics=app_metrics))
     app = Starlette(
         routes=routes,
         middleware=middleware,

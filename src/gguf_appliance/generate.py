@@ -8,6 +8,7 @@ Events: `token` ({"text"}), then one `done` ({"finish_reason", "prompt_tokens",
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -86,8 +87,10 @@ async def collect(request: Request, generation: Generation) -> tuple[str, DoneEv
         if not consumer.done():
             generation.cancel()
             consumer.cancel()
-    if consumer.cancelled():
-        raise ClientDisconnected("the client closed the connection before the answer was ready")
+    if consumer.cancelled() or not consumer.done():
+        with contextlib.suppress(asyncio.CancelledError):
+            await consumer
+        raise ClientDisconnected("the client closed the connection before the answer")
     return "".join(parts), consumer.result()
 
 
