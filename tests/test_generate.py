@@ -118,13 +118,13 @@ def test_client_disconnect_stops_generation(server: RunningServer) -> None:
 def test_full_queue_gets_503_with_retry_after(start_server: Any) -> None:
     node = start_server(queue_size=0, retry_after=7)
     body = {"messages": CHAT, "max_tokens": 1500, "temperature": 0.7}
-    started = threading.Event()
+    started, release = threading.Event(), threading.Event()
 
     def hold_the_slot() -> None:
         with httpx.stream("POST", node.url("/generate"), json=body, timeout=60) as response:
             for name, _ in events(response):
                 started.set()
-                if name != "token":
+                if name != "token" or release.is_set():
                     return
 
     holder = threading.Thread(target=hold_the_slot)
@@ -136,5 +136,9 @@ def test_full_queue_gets_503_with_retry_after(start_server: Any) -> None:
         assert response.headers["retry-after"] == "7"
         assert response.json()["error"]["code"] == "queue_full"
     finally:
-        node.stop()
+        release.set()
         holder.join(30)
+    # The slot is free again once the holder has gone.
+    time.sleep(0.3)
+    again = httpx.post(node.url("/generate"), json={"prompt": "hi", "max_tokens": 2}, timeout=30)
+    assert again.status_code == 200
