@@ -7,7 +7,7 @@ PORT ?= 8000
 # llama-cpp-python compiles from source; build on every core (pip caches the wheel after).
 export CMAKE_BUILD_PARALLEL_LEVEL ?= $(shell nproc)
 
-.PHONY: help install run test lint format clean
+.PHONY: help install run test lint format clean readme
 
 help:
 	@echo "make run    serve the chat page and API on http://$(HOST):$(PORT)/ (bundled model)"
@@ -43,3 +43,7 @@ format: install
 
 clean:
 	rm -rf $(VENV) build dist .mypy_cache .ruff_cache .pytest_cache
+
+# Rewrite the README's settings table from the settings model (a test checks they agree).
+readme: install
+	$(BIN)/python -c "import re, pathlib; from gguf_appliance.cli import settings_markdown as t; p = pathlib.Path('README.md'); p.write_text(re.sub(r'(<!-- settings:start -->\n).*?(\n<!-- settings:end -->)', lambda m: m[1] + t() + m[2], p.read_text(), flags=re.S))"

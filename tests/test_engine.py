@@ -70,13 +70,13 @@ def test_cancel_stops_generation_within_one_token(engine: Engine) -> None:
         for _ in range(5):
             assert isinstance(await anext(events), TokenEvent)
         generation.cancel()
-        at_cancel = engine.completion_tokens_total
+        at_cancel = engine.token_totals()[2]
         last = None
         async for event in events:
             last = event
         await asyncio.sleep(0.3)
         assert isinstance(last, DoneEvent)
-        return at_cancel, engine.completion_tokens_total, last
+        return at_cancel, engine.token_totals()[2], last
 
     at_cancel, later, done = asyncio.run(scenario())
     assert done.finish_reason == "cancelled"

@@ -116,7 +116,7 @@ def test_client_disconnect_stops_generation(server: RunningServer) -> None:
 
 
 def test_full_queue_gets_503_with_retry_after(start_server: Any) -> None:
-    node = start_server(queue_size=0, retry_after=7)
+    node = start_server(n_slots=1, queue_size=0, retry_after=7)
     body = {"messages": CHAT, "max_tokens": 1500, "temperature": 0.7}
     started, release = threading.Event(), threading.Event()
 

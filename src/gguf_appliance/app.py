@@ -168,6 +168,8 @@ def create_app(settings: Settings) -> Starlette:
             queue_size=settings.queue_size,
             max_tokens_cap=settings.max_tokens_cap,
             retry_after=settings.retry_after,
+            prefill_chunk=settings.prefill_chunk,
+            reuse_prefix=settings.reuse_prefix,
         )
     )
     app_metrics = Metrics(engine)

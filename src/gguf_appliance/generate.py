@@ -130,6 +130,7 @@ def done_payload(done: DoneEvent) -> dict[str, Any]:
     return {
         "finish_reason": done.finish_reason,
         "prompt_tokens": done.prompt_tokens,
+        "cached_tokens": done.cached_tokens,
         "completion_tokens": done.completion_tokens,
         "time_to_first_token": _round(done.time_to_first_token),
         "tokens_per_second": _round(done.tokens_per_second, 2),

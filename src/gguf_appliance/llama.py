@@ -183,8 +183,9 @@ class LlamaModel:
     def sample(self, sampler: Any, batch_index: int) -> int:
         return int(C.llama_sampler_sample(sampler, self.ctx, batch_index))
 
-    def forget(self, seq: int) -> None:
-        C.llama_memory_seq_rm(self.memory, seq, -1, -1)
+    def forget(self, seq: int, start: int) -> bool:
+        """Drop the sequence's KV from position `start` on; False if the model cannot."""
+        return bool(C.llama_memory_seq_rm(self.memory, seq, start, -1))
 
     def decode(self, batch: Batch) -> int:
         return int(C.llama_decode(self.ctx, batch.raw))

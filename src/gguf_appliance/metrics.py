@@ -82,13 +82,15 @@ class _TokenCollector(Collector):
         self.engine = engine
 
     def collect(self) -> Iterator[CounterMetricFamily]:
+        prompt, cached, completion = self.engine.token_totals()
         yield CounterMetricFamily(
-            "gguf_appliance_prompt_tokens",
-            "Prompt tokens evaluated.",
-            value=self.engine.prompt_tokens_total,
+            "gguf_appliance_prompt_tokens", "Prompt tokens evaluated.", value=prompt
         )
         yield CounterMetricFamily(
-            "gguf_appliance_completion_tokens",
-            "Tokens generated.",
-            value=self.engine.completion_tokens_total,
+            "gguf_appliance_prompt_tokens_cached",
+            "Prompt tokens not evaluated: their KV was reused from the slot's last request.",
+            value=cached,
+        )
+        yield CounterMetricFamily(
+            "gguf_appliance_completion_tokens", "Tokens generated.", value=completion
         )

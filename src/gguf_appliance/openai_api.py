@@ -35,11 +35,12 @@ def finish_reason(done: DoneEvent) -> str:
     return "stop" if done.finish_reason == "stop" else "length"
 
 
-def usage(done: DoneEvent) -> dict[str, int]:
+def usage(done: DoneEvent) -> dict[str, Any]:
     return {
         "prompt_tokens": done.prompt_tokens,
         "completion_tokens": done.completion_tokens,
         "total_tokens": done.prompt_tokens + done.completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": done.cached_tokens},
     }
 
 

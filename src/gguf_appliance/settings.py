@@ -65,19 +65,29 @@ class Settings(BaseSettings):
         4096,
         ge=256,
         le=131072,
-        description="Context size in tokens, shared by all slots.",
+        description="Context of each request in tokens: prompt and answer together.",
     )
     n_slots: int = Field(
-        1,
+        4,
         ge=1,
         le=64,
-        description="Sequences decoded together; each gets n_ctx / n_slots tokens of context.",
+        description="Requests decoded together in one batch; the KV cache holds n_slots * n_ctx.",
     )
     n_batch: int = Field(
         512,
         ge=32,
         le=8192,
         description="Most prompt tokens evaluated in one decode step.",
+    )
+    prefill_chunk: int = Field(
+        64,
+        ge=8,
+        le=8192,
+        description="Most prompt tokens read per step while others stream (keeps them smooth).",
+    )
+    reuse_prefix: bool = Field(
+        True,
+        description="Keep each slot's KV after a request; a prompt that starts alike reuses it.",
     )
     threads: int = Field(
         default_factory=physical_cores,

@@ -1,0 +1,66 @@
+"""What a request becomes inside the engine, and the events it sends back."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from dataclasses import dataclass, field
+
+from .errors import ApplianceError
+from .llama import SamplingParams
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    max_tokens: int
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    stop: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    text: str
+
+
+@dataclass(frozen=True)
+class DoneEvent:
+    finish_reason: str  # stop | length | cancelled | timeout
+    prompt_tokens: int
+    cached_tokens: int  # prompt tokens whose KV was reused, not evaluated again
+    completion_tokens: int
+    queue_seconds: float
+    time_to_first_token: float | None
+    tokens_per_second: float | None
+    duration: float
+
+
+@dataclass(frozen=True)
+class ErrorEvent:
+    error: ApplianceError
+
+
+Event = TokenEvent | DoneEvent | ErrorEvent
+
+
+@dataclass(eq=False)
+class Job:
+    """A tokenized request. The scheduler thread writes its events; the event loop reads them."""
+
+    id: int
+    prompt: list[int]
+    params: GenerationParams
+    deadline: float
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue[Event] = field(default_factory=asyncio.Queue)
+    submitted: float = field(default_factory=time.monotonic)
+    cancelled: bool = False
+    abort: ApplianceError | None = None  # set with `cancelled` when the node ends the job
+
+    def emit(self, event: Event) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is listening
+            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+
+    def ended_in_queue(self, reason: str, now: float) -> DoneEvent:
+        waited = now - self.submitted
+        return DoneEvent(reason, len(self.prompt), 0, 0, waited, None, None, waited)

@@ -1,0 +1,308 @@
+"""The slot scheduler: continuous batching of many requests over one llama.cpp context.
+
+Each of N slots is one sequence of the context with its own KV range and sampler chain. Every
+step builds one batch: the last sampled token of every generating slot, plus prompt tokens of
+slots still reading their prompt (at most `prefill_chunk` of them while others generate, so a
+long prompt never stalls the streams in flight). One `llama_decode`, then one sample per slot
+that asked for logits. A slot keeps its KV when its request ends; the next request that starts
+with the same tokens (a chat's next turn) takes that slot and evaluates only what is new.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import ApplianceError, QueueFull, Unavailable
+from .jobs import DoneEvent, ErrorEvent, Job, TokenEvent
+from .llama import Batch, LlamaModel
+from .textstream import TextStream
+
+log = logging.getLogger("gguf_appliance.scheduler")
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+@dataclass
+class Slot:
+    seq: int
+    cache: list[int] = field(default_factory=list)  # the tokens in this sequence's KV range
+    last_used: float = 0.0
+    job: Job | None = None
+    sampler: Any = None
+    text: TextStream | None = None
+    prompt_done: int = 0  # prompt tokens in the KV cache (reused or evaluated)
+    cached: int = 0  # of those, reused from the previous request
+    last_token: int = -1
+    generated: int = 0
+    started: float = 0.0
+    first_token_at: float | None = None
+    batch_index: int = -1  # where this slot's logits are in the current batch
+
+    @property
+    def prefilling(self) -> bool:
+        return self.job is not None and self.prompt_done < len(self.job.prompt)
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    n_slots: int
+    queue_size: int
+    prefill_chunk: int
+    reuse_prefix: bool
+    retry_after: int
+
+
+class SlotScheduler:
+    def __init__(
+        self,
+        model: LlamaModel,
+        config: SchedulerConfig,
+        on_done: Callable[[DoneEvent], None] | None = None,
+    ) -> None:
+        self.model = model
+        self.config = config
+        self.on_done = on_done
+        self.prompt_tokens_total = 0
+        self.cached_tokens_total = 0
+        self.completion_tokens_total = 0
+        self._cond = threading.Condition()
+        self._waiting: deque[Job] = deque()
+        self.slots = [Slot(seq=i) for i in range(config.n_slots)]
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, name="gguf-scheduler", daemon=True)
+
+    # --- called from the event loop ---
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stop = True
+            self._cond.notify_all()
+        self._thread.join()
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def busy_slots(self) -> int:
+        return sum(1 for s in self.slots if s.job is not None)
+
+    def enqueue(self, job: Job) -> None:
+        with self._cond:
+            free = sum(1 for s in self.slots if s.job is None)
+            if len(self._waiting) - free >= self.config.queue_size:
+                raise QueueFull(
+                    "the node is busy: every slot is taken and the queue is full",
+                    retry_after=self.config.retry_after,
+                )
+            self._waiting.append(job)
+            self._cond.notify()
+
+    def cancel(self, job: Job, error: ApplianceError | None = None) -> None:
+        with self._cond:
+            job.abort = job.abort or error
+            job.cancelled = True
+            self._cond.notify()
+
+    def abort_all(self, error: ApplianceError) -> None:
+        with self._cond:
+            for job in [*self._waiting, *(s.job for s in self.slots if s.job is not None)]:
+                job.abort = error
+                job.cancelled = True
+            self._cond.notify()
+
+    # --- the scheduler thread ---
+
+    def _run(self) -> None:
+        batch = Batch(self.model.n_batch + len(self.slots))
+        try:
+            while True:
+                with self._cond:
+                    self._admit()
+                    while not self._stop and not any(s.job for s in self.slots):
+                        self._cond.wait()
+                        self._admit()
+                    if self._stop:
+                        break
+                try:
+                    self._step(batch)
+                except Exception as exc:  # a failed decode must not kill the scheduler
+                    log.exception("decode step failed")
+                    for slot in self.slots:
+                        if slot.job is not None:
+                            self._fail(slot, Unavailable(f"generation failed: {exc}"))
+                        self.model.forget(slot.seq, 0)
+                        slot.cache.clear()
+        finally:
+            stopped = Unavailable("the engine stopped")
+            for slot in self.slots:
+                if slot.job is not None:
+                    self._fail(slot, stopped)
+            with self._cond:
+                while self._waiting:
+                    self._waiting.popleft().emit(ErrorEvent(stopped))
+            batch.free()
+
+    def _admit(self) -> None:
+        """Give free slots to waiting jobs, FIFO; drop jobs cancelled or expired meanwhile."""
+        now = time.monotonic()
+        for job in list(self._waiting):
+            if job.abort is not None:
+                self._waiting.remove(job)
+                job.emit(ErrorEvent(job.abort))
+            elif job.cancelled or now >= job.deadline:
+                self._waiting.remove(job)
+                self._done(
+                    job, job.ended_in_queue("cancelled" if job.cancelled else "timeout", now)
+                )
+        while self._waiting:
+            free = [s for s in self.slots if s.job is None]
+            if not free:
+                return
+            job = self._waiting.popleft()
+            # The free slot whose cache shares the longest start with the prompt; else the one
+            # unused the longest, so a recent conversation's cache survives the longest.
+            slot = max(free, key=lambda s: (common_prefix(s.cache, job.prompt), -s.last_used))
+            self._start(slot, job, now)
+
+    def _start(self, slot: Slot, job: Job, now: float) -> None:
+        keep = common_prefix(slot.cache, job.prompt) if self.config.reuse_prefix else 0
+        keep = min(keep, len(job.prompt) - 1)  # the last prompt token is evaluated for logits
+        if not self.model.forget(slot.seq, keep):
+            keep = 0
+            self.model.forget(slot.seq, 0)
+        del slot.cache[keep:]
+        slot.job = job
+        slot.sampler = self.model.new_sampler(job.params.sampling)
+        slot.text = TextStream(job.params.stop)
+        slot.prompt_done = slot.cached = keep
+        slot.generated = 0
+        slot.started = now
+        slot.first_token_at = None
+        self.cached_tokens_total += keep
+
+    def _step(self, batch: Batch) -> None:
+        model = self.model
+        now = time.monotonic()
+        batch.clear()
+        generating = 0
+        for slot in self.slots:
+            job = slot.job
+            slot.batch_index = -1
+            if job is None:
+                continue
+            if job.abort is not None:
+                self._fail(slot, job.abort)
+            elif job.cancelled:
+                self._finish(slot, "cancelled", now)
+            elif now >= job.deadline:
+                self._finish(slot, "timeout", now)
+            elif not slot.prefilling:
+                slot.batch_index = batch.add(slot.last_token, len(slot.cache), slot.seq, True)
+                slot.cache.append(slot.last_token)
+                generating += 1
+        budget = model.n_batch - generating
+        if generating:
+            budget = min(budget, self.config.prefill_chunk)
+        prefilling = sorted((s for s in self.slots if s.prefilling), key=lambda s: s.started)
+        for slot in prefilling:
+            if budget <= 0:
+                break
+            assert slot.job is not None
+            prompt = slot.job.prompt
+            chunk = prompt[slot.prompt_done : slot.prompt_done + budget]
+            last = len(prompt) - 1
+            for j, token in enumerate(chunk, start=slot.prompt_done):
+                index = batch.add(token, len(slot.cache), slot.seq, j == last)
+                slot.cache.append(token)
+                if j == last:
+                    slot.batch_index = index
+            slot.prompt_done += len(chunk)
+            self.prompt_tokens_total += len(chunk)
+            budget -= len(chunk)
+        if batch.n == 0:
+            return
+        status = model.decode(batch)
+        if status != 0:
+            raise RuntimeError(f"llama_decode returned {status}")
+        for slot in self.slots:
+            if slot.job is not None and slot.batch_index >= 0:
+                self._accept(slot, model.sample(slot.sampler, slot.batch_index))
+
+    def _accept(self, slot: Slot, token: int) -> None:
+        model = self.model
+        job = slot.job
+        assert job is not None and slot.text is not None
+        now = time.monotonic()
+        if slot.first_token_at is None:
+            slot.first_token_at = now
+        if model.is_eog(token):
+            self._finish(slot, "stop", now)
+            return
+        slot.generated += 1
+        self.completion_tokens_total += 1
+        slot.last_token = token
+        text = slot.text.push(model.piece(token))
+        if text:
+            job.emit(TokenEvent(text))
+        if slot.text.stopped:
+            self._finish(slot, "stop", now)
+        elif slot.generated >= job.params.max_tokens or len(slot.cache) + 1 >= model.n_ctx_seq:
+            self._finish(slot, "length", now)
+
+    def _finish(self, slot: Slot, reason: str, now: float) -> None:
+        job = slot.job
+        assert job is not None and slot.text is not None
+        if reason in ("stop", "length"):
+            rest = slot.text.flush()
+            if rest:
+                job.emit(TokenEvent(rest))
+        first = slot.first_token_at
+        rate = None
+        if first is not None and slot.generated > 1 and now > first:
+            rate = (slot.generated - 1) / (now - first)
+        done = DoneEvent(
+            finish_reason=reason,
+            prompt_tokens=len(job.prompt),
+            cached_tokens=slot.cached,
+            completion_tokens=slot.generated,
+            queue_seconds=slot.started - job.submitted,
+            time_to_first_token=None if first is None else first - job.submitted,
+            tokens_per_second=rate,
+            duration=now - job.submitted,
+        )
+        self._done(job, done)
+        self._release(slot, now)
+
+    def _done(self, job: Job, done: DoneEvent) -> None:
+        if self.on_done is not None:
+            self.on_done(done)
+        job.emit(done)
+
+    def _fail(self, slot: Slot, error: ApplianceError) -> None:
+        assert slot.job is not None
+        slot.job.emit(ErrorEvent(error))
+        self._release(slot, time.monotonic())
+
+    def _release(self, slot: Slot, now: float) -> None:
+        if slot.sampler is not None:
+            LlamaModel.free_sampler(slot.sampler)
+        slot.job = None
+        slot.sampler = None
+        slot.text = None
+        slot.last_used = now
