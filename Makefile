@@ -7,7 +7,7 @@ PORT ?= 8000
 # llama-cpp-python compiles from source; build on every core (pip caches the wheel after).
 export CMAKE_BUILD_PARALLEL_LEVEL ?= $(shell nproc)
 
-.PHONY: help install run test lint format clean readme
+.PHONY: help install run test lint format clean readme bench
 
 help:
 	@echo "make run    serve the chat page and API on http://$(HOST):$(PORT)/ (bundled model)"
@@ -41,8 +41,19 @@ format: install
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
+# Benchmarks (not part of the tests): gguf-appliance next to llama-cpp-python's own server,
+# which runs from a venv of its own so its pins cannot move ours.
+BASELINE ?= .venv-baseline
+$(BASELINE)/bin/python:
+	$(PYTHON) -m venv $(BASELINE)
+	$(BASELINE)/bin/pip install --quiet 'llama-cpp-python[server]==0.3.36'
+
+bench: install $(BASELINE)/bin/python
+	$(BIN)/python benchmarks/single_stream.py
+	$(BIN)/python benchmarks/concurrency.py --baseline-python $(BASELINE)/bin/python
+
 clean:
-	rm -rf $(VENV) build dist .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) $(BASELINE) build dist .mypy_cache .ruff_cache .pytest_cache
 
 # Rewrite the README's settings table from the settings model (a test checks they agree).
 readme: install

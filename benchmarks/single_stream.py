@@ -94,6 +94,7 @@ def main() -> None:
         "GGUF_APPLIANCE_PORT": str(port),
         "GGUF_APPLIANCE_THREADS": str(args.threads),
         "GGUF_APPLIANCE_N_CTX": "4096",
+        "GGUF_APPLIANCE_N_SLOTS": "1",
         "GGUF_APPLIANCE_ENV_FILE": "",
         "GGUF_APPLIANCE_LOG_LEVEL": "warning",
     }

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 
 from prometheus_client import (
@@ -60,6 +61,10 @@ class Metrics:
             p + "busy_slots", "Slots generating or reading a prompt.", registry=registry
         ).set_function(lambda: engine.busy_slots)
         Gauge(p + "slots", "Slots of the engine.", registry=registry).set(engine.config.n_slots)
+        # Read on the event loop (in the /metrics handler): tasks alive now, a leak detector.
+        Gauge(
+            p + "event_loop_tasks", "Tasks on the server's event loop.", registry=registry
+        ).set_function(lambda: len(asyncio.all_tasks()))
         Gauge(
             p + "model_load_seconds",
             "Seconds the model took to load (0 until loaded).",

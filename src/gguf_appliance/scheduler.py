@@ -286,8 +286,8 @@ class SlotScheduler:
             tokens_per_second=rate,
             duration=now - job.submitted,
         )
+        self._release(slot, now)  # before the event: whoever sees "done" sees the slot free
         self._done(job, done)
-        self._release(slot, now)
 
     def _done(self, job: Job, done: DoneEvent) -> None:
         if self.on_done is not None:
@@ -295,9 +295,10 @@ class SlotScheduler:
         job.emit(done)
 
     def _fail(self, slot: Slot, error: ApplianceError) -> None:
-        assert slot.job is not None
-        slot.job.emit(ErrorEvent(error))
+        job = slot.job
+        assert job is not None
         self._release(slot, time.monotonic())
+        job.emit(ErrorEvent(error))
 
     def _release(self, slot: Slot, now: float) -> None:
         if slot.sampler is not None:

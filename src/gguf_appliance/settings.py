@@ -62,13 +62,13 @@ class Settings(BaseSettings):
         description="Model id shown by /v1/models (default: the file name without .gguf).",
     )
     n_ctx: int = Field(
-        4096,
+        2048,
         ge=256,
         le=131072,
         description="Context of each request in tokens: prompt and answer together.",
     )
     n_slots: int = Field(
-        4,
+        8,
         ge=1,
         le=64,
         description="Requests decoded together in one batch; the KV cache holds n_slots * n_ctx.",

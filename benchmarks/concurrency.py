@@ -1,0 +1,426 @@
+"""Concurrent streams: gguf-appliance next to llama-cpp-python's own server, in one invocation.
+
+Same model, threads and prompts; greedy 128-token streamed chat completions through the `/v1`
+API of each server, at 1, 2, 4 and 8 concurrent clients. Reports aggregate and per-stream
+tokens/s, time to first token p50/p95 and peak RSS; the single-sequence decode rate of a plain
+low-level loop (the reference limit); and a three-turn chat's time to first token with and
+without prompt-prefix reuse. The servers run one at a time, each in its own process.
+
+    make bench          # or: .venv/bin/python benchmarks/concurrency.py [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from gguf_appliance.gguf_file import inspect_gguf
+from gguf_appliance.settings import DEFAULT_MODEL, physical_cores
+from gguf_appliance.sources import resolve_source
+
+ROOT = Path(__file__).resolve().parents[1]
+TOPICS = ["a dragon", "the sea", "a robot", "a village", "the moon", "a cat", "a river", "a clock"]
+CONCURRENCY = (1, 2, 4, 8)
+N_CTX = 2048  # per stream
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class Server:
+    name: str
+    command: list[str]
+    env: dict[str, str]
+    port: int
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> Server:
+        self.process = subprocess.Popen(
+            self.command,
+            env={**os.environ, **self.env},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:  # both list the model only once it is loaded
+                models = httpx.get(self.url + "/v1/models", timeout=2)
+                if models.status_code == 200 and models.json()["data"]:
+                    return self
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError(f"{self.name} did not start")
+
+    def peak_rss_mb(self) -> float:
+        assert self.process is not None
+        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+        raise RuntimeError("no VmHWM")
+
+    def __exit__(self, *exc: object) -> None:
+        if self.process is None:
+            return
+        assert self.process is not None
+        self.process.terminate()
+        try:
+            self.process.wait(30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+
+
+@dataclass
+class Stream:
+    ttft: float
+    tokens: int
+    first: float
+    last: float
+
+
+async def one_stream(
+    url: str, messages: list[dict[str, str]], max_tokens: int
+) -> tuple[Stream, str]:
+    """One streamed chat completion over a bare asyncio socket.
+
+    The load generator shares the 2 cores with the server, so it does as little as it can:
+    no HTTP client library, one JSON parse per event.
+    """
+    host, port = url.removeprefix("http://").split(":")
+    body = json.dumps(
+        {
+            "model": "m",
+            "messages": messages,
+            "max_tokens": max_tokens,
+            "temperature": 0,
+            "stream": True,
+        }
+    ).encode()
+    started = time.perf_counter()
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n"
+        b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body) + body
+    )
+    status = await reader.readline()
+    if b" 200 " not in status:
+        raise RuntimeError(f"{url}: {status!r}")
+    first = last = 0.0
+    chunks, reason, text = 0, None, []
+    async for line in reader:  # chunked framing lines are skipped with everything not data:
+        if not line.startswith(b"data: {"):
+            continue
+        choice = json.loads(line[6:])["choices"][0]
+        piece = choice["delta"].get("content")
+        if piece:
+            now = time.perf_counter()
+            first = first or now
+            last = now
+            chunks += 1
+            text.append(piece)
+        reason = choice.get("finish_reason") or reason
+    writer.close()
+    tokens = max_tokens if reason == "length" else chunks
+    return Stream(first - started, tokens, first - started, last - started), "".join(text)
+
+
+async def concurrent_round(url: str, streams: int, round_no: int) -> tuple[list[Stream], float]:
+    started = time.perf_counter()
+    results = await asyncio.gather(
+        *(
+            one_stream(
+                url,
+                [
+                    {
+                        "role": "user",
+                        "content": f"Story {round_no}: write a long story about {TOPICS[i]}.",
+                    }
+                ],
+                128,
+            )
+            for i in range(streams)
+        )
+    )
+    wall = time.perf_counter() - started
+    return [s for s, _ in results], wall
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def measure_concurrency(
+    servers: list[Server], rounds: int, reference: ReferenceLoop
+) -> dict[str, dict[int, Any]]:
+    """Every round runs each server in turn, so drift in the machine's speed hits all alike.
+
+    Rounds of one stream also run the reference loop, the limit a single stream is held to.
+    """
+    for server in servers:
+        asyncio.run(concurrent_round(server.url, 2, -1))  # warm up
+    table: dict[str, dict[int, Any]] = {s.name: {} for s in servers}
+    for c in CONCURRENCY:
+        samples: dict[str, dict[str, list[float]]] = {
+            s.name: {"aggregate": [], "per_stream": [], "ttft": []} for s in servers
+        }
+        references = []
+        for r in range(rounds):
+            if c == 1:
+                references.append(reference.rate())
+            for server in servers:
+                streams, wall = asyncio.run(concurrent_round(server.url, c, r))
+                sample = samples[server.name]
+                sample["aggregate"].append(sum(s.tokens for s in streams) / wall)
+                sample["per_stream"].extend(s.tokens / s.last for s in streams)
+                sample["ttft"].extend(s.ttft for s in streams)
+        for server in servers:
+            sample = samples[server.name]
+            table[server.name][c] = {
+                "aggregate_tps": statistics.median(sample["aggregate"]),
+                "per_stream_tps": statistics.median(sample["per_stream"]),
+                "ttft_p50": percentile(sample["ttft"], 0.5),
+                "ttft_p95": percentile(sample["ttft"], 0.95),
+            }
+            print(f"  {server.name} x{c}: {table[server.name][c]}", file=sys.stderr)
+        if references:
+            table["reference"] = {1: statistics.median(references)}
+            print(f"  reference x1: {references}", file=sys.stderr)
+    return table
+
+
+def measure_chat(servers: list[Server], runs: int = 3) -> dict[str, list[dict[str, float]]]:
+    """A three-turn chat: each turn sends the whole history; time to first token per turn."""
+
+    async def chat(server: Server, run: int) -> list[float]:
+        messages: list[dict[str, str]] = []
+        ttfts = []
+        questions = [
+            f"Tell me story number {run} about a lighthouse keeper.",
+            "What happened next?",
+            "How does the story end?",
+        ]
+        for question in questions:
+            messages.append({"role": "user", "content": question})
+            stream, answer = await one_stream(server.url, messages, 96)
+            messages.append({"role": "assistant", "content": answer})
+            ttfts.append(stream.ttft)
+        return ttfts
+
+    results: dict[str, list[list[float]]] = {s.name: [] for s in servers}
+    for run in range(runs):
+        for server in servers:
+            results[server.name].append(asyncio.run(chat(server, run)))
+    return {
+        name: [{"ttft": statistics.median(r[t] for r in runs_)} for t in range(3)]
+        for name, runs_ in results.items()
+    }
+
+
+class ReferenceLoop:
+    """Single-sequence greedy decode through the low-level API in a plain loop: the limit."""
+
+    def __init__(self, model: Path, threads: int) -> None:
+        from gguf_appliance.llama import Batch, LlamaModel
+
+        self.llm = LlamaModel(model, n_ctx=N_CTX, n_seq=1, n_batch=512, threads=threads)
+        self.batch = Batch(512)
+        self.prompt = self.llm.chat_prompt(
+            [{"role": "user", "content": "Write a long story about a dragon."}]
+        )
+
+    def rate(self, tokens: int = 128) -> float:
+        from gguf_appliance.llama import SamplingParams
+
+        llm, batch, prompt = self.llm, self.batch, self.prompt
+        llm.forget(0, 0)
+        sampler = llm.new_sampler(SamplingParams(temperature=0.0))
+        batch.clear()
+        for i, token in enumerate(prompt):
+            batch.add(token, i, 0, i == len(prompt) - 1)
+        llm.decode(batch)
+        token = llm.sample(sampler, batch.n - 1)
+        started = time.perf_counter()
+        for pos in range(len(prompt), len(prompt) + tokens):
+            batch.clear()
+            batch.add(token, pos, 0, True)
+            llm.decode(batch)
+            token = llm.sample(sampler, 0)
+            llm.piece(token)
+        elapsed = time.perf_counter() - started
+        llm.free_sampler(sampler)
+        return tokens / elapsed
+
+    def close(self) -> None:
+        self.batch.free()
+        self.llm.close()
+
+
+def kv_cache_mb(model: Path, tokens: int) -> float:
+    from gguf import GGUFReader
+
+    reader = GGUFReader(model)
+    arch = reader.fields["general.architecture"].contents()
+
+    def value(key: str) -> int:
+        return int(reader.fields[f"{arch}.{key}"].contents())
+
+    head_dim = value("embedding_length") // value("attention.head_count")
+    per_token = (
+        value("block_count") * value("attention.head_count_kv") * head_dim * 2 * 2
+    )  # K, V f16
+    return per_token * tokens / 2**20
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=physical_cores())
+    parser.add_argument("--slots", type=int, default=8, help="gguf-appliance's n_slots")
+    parser.add_argument("--baseline-python", default=str(ROOT / ".venv-baseline/bin/python"))
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/concurrency.json")
+    args = parser.parse_args()
+
+    model = resolve_source(DEFAULT_MODEL)
+    info = inspect_gguf(model)
+    threads = str(args.threads)
+    ours_env = {
+        "GGUF_APPLIANCE_THREADS": threads,
+        "GGUF_APPLIANCE_N_CTX": str(N_CTX),
+        "GGUF_APPLIANCE_N_SLOTS": str(args.slots),
+        "GGUF_APPLIANCE_ENV_FILE": "",
+        "GGUF_APPLIANCE_LOG_LEVEL": "warning",
+        "GGUF_APPLIANCE_QUEUE_SIZE": "64",
+    }
+
+    def ours(name: str, **extra: str) -> Server:
+        port = free_port()
+        return Server(
+            name,
+            [sys.executable, "-m", "gguf_appliance.cli", "serve"],
+            {**ours_env, "GGUF_APPLIANCE_PORT": str(port), **extra},
+            port,
+        )
+
+    port = free_port()
+    baseline = Server(
+        "llama_cpp.server",
+        [
+            args.baseline_python,
+            "-m",
+            "llama_cpp.server",
+            "--model",
+            str(model),
+            "--n_threads",
+            threads,
+            "--n_threads_batch",
+            threads,
+            "--n_ctx",
+            str(N_CTX),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            # By default a new request cuts off the stream in flight; queue them instead.
+            "--interrupt_requests",
+            "false",
+        ],
+        {},
+        port,
+    )
+    results: dict[str, Any] = {
+        "model": model.name,
+        "model_mb": info.file_size / 2**20,
+        "threads": args.threads,
+        "slots": args.slots,
+        "rounds": args.rounds,
+    }
+    reference = ReferenceLoop(model, args.threads)
+    with (
+        baseline,
+        ours("gguf-appliance") as appliance,
+        ours("no-reuse", GGUF_APPLIANCE_REUSE_PREFIX="false") as no_reuse,
+    ):
+        table = measure_concurrency([baseline, appliance], args.rounds, reference)
+        results["reference_tps"] = table["reference"][1]
+        results["baseline"], results["ours"] = table[baseline.name], table[appliance.name]
+        chats = measure_chat([baseline, appliance, no_reuse])
+        results["baseline_chat"] = chats[baseline.name]
+        results["ours_chat"] = chats[appliance.name]
+        results["ours_chat_no_reuse"] = chats[no_reuse.name]
+        results["baseline_rss_mb"] = baseline.peak_rss_mb()
+        results["ours_rss_mb"] = appliance.peak_rss_mb()
+    reference.close()
+    results["kv_mb"] = kv_cache_mb(model, N_CTX * args.slots)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2))
+    print(report(results))
+
+
+def report(r: dict[str, Any]) -> str:
+    ours, base = r["ours"], r["baseline"]
+    one = ours[1]["per_stream_tps"]
+    lines = [
+        f"model {r['model']} ({r['model_mb']:.0f} MB), {r['threads']} threads, gguf-appliance "
+        f"n_slots={r['slots']}, n_ctx={N_CTX} per stream, 128-token greedy streams, "
+        f"median of {r['rounds']} rounds",
+        "",
+        "| streams | gguf-appliance tok/s (aggregate) | per stream | TTFT p50 / p95 | "
+        "llama_cpp.server tok/s (aggregate) | per stream | TTFT p50 / p95 | ratio |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for c in CONCURRENCY:
+        o, b = ours[c] if c in ours else ours[str(c)], base[c] if c in base else base[str(c)]
+        lines.append(
+            f"| {c} | {o['aggregate_tps']:.1f} | {o['per_stream_tps']:.1f} | "
+            f"{o['ttft_p50']:.2f} / {o['ttft_p95']:.2f} s | {b['aggregate_tps']:.1f} | "
+            f"{b['per_stream_tps']:.1f} | {b['ttft_p50']:.2f} / {b['ttft_p95']:.2f} s | "
+            f"{o['aggregate_tps'] / b['aggregate_tps']:.2f}x |"
+        )
+    o8 = ours[8] if 8 in ours else ours["8"]
+    lines += [
+        "",
+        f"- reference: low-level single-sequence loop {r['reference_tps']:.1f} tok/s "
+        f"(run in the same rounds); "
+        f"gguf-appliance one stream {one:.1f} tok/s = {one / r['reference_tps']:.0%} of it",
+        f"- 8 streams: aggregate {o8['aggregate_tps']:.1f} tok/s = "
+        f"{o8['aggregate_tps'] / (ours[1] if 1 in ours else ours['1'])['aggregate_tps']:.2f}x "
+        f"one stream; TTFT p50 {o8['ttft_p50']:.2f} s",
+        f"- peak RSS: gguf-appliance {r['ours_rss_mb']:.0f} MB (model {r['model_mb']:.0f} MB + "
+        f"KV {r['kv_mb']:.0f} MB + {r['ours_rss_mb'] - r['model_mb'] - r['kv_mb']:.0f} MB); "
+        f"llama_cpp.server {r['baseline_rss_mb']:.0f} MB",
+        "",
+        "| chat turn | TTFT with prefix reuse | without | llama_cpp.server |",
+        "| ---: | ---: | ---: | ---: |",
+    ]
+    for t in range(3):
+        lines.append(
+            f"| {t + 1} | {r['ours_chat'][t]['ttft']:.3f} s | "
+            f"{r['ours_chat_no_reuse'][t]['ttft']:.3f} s | {r['baseline_chat'][t]['ttft']:.3f} s |"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
