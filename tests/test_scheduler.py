@@ -92,6 +92,7 @@ def test_next_chat_turn_reuses_the_cached_prefix(batch_engine: Engine) -> None:
         return first, second, len(prompt1)
 
     first, second, turn1_tokens = asyncio.run(scenario())
+    assert first.completion_tokens > 0
     assert second.cached_tokens >= turn1_tokens
     assert second.cached_tokens < second.prompt_tokens
 
