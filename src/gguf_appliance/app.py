@@ -151,7 +151,7 @@ def _model_id(settings: Settings) -> str:
     if settings.model_alias:
         return settings.model_alias
     try:
-        name = resolve_source(settings.model).name
+        name = resolve_source(settings.model, settings.models_dir).name
     except ModelError:
         name = settings.model.rstrip("/").rsplit("/", 1)[-1]
     return name.removesuffix(".gguf")
@@ -178,7 +178,11 @@ def create_app(settings: Settings) -> Starlette:
     async def load_model() -> None:
         try:
             info = await asyncio.to_thread(
-                fetch_model, settings.model, sha256=settings.model_sha256
+                fetch_model,
+                settings.model,
+                settings.models_dir,
+                sha256=settings.model_sha256,
+                progress_interval=settings.progress_interval,
             )
             await asyncio.to_thread(engine.load, info.path)
         except ModelError as exc:

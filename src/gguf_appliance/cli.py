@@ -12,6 +12,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from .errors import ModelError
+from .logs import configure_logging
 from .settings import ENV_PREFIX, Settings, load_settings
 
 
@@ -20,7 +21,6 @@ def _settings(args: argparse.Namespace, **overrides: Any) -> Settings:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from .logs import configure_logging
     from .server import serve
 
     settings = _settings(args, host=args.host, port=args.port, model=args.model)
@@ -33,7 +33,13 @@ def cmd_fetch(args: argparse.Namespace) -> int:
     from .sources import fetch_model
 
     settings = _settings(args, model=args.source, model_sha256=args.sha256)
-    info = fetch_model(settings.model, sha256=settings.model_sha256)
+    configure_logging(settings.log_level, settings.log_format)
+    info = fetch_model(
+        settings.model,
+        settings.models_dir,
+        sha256=settings.model_sha256,
+        progress_interval=settings.progress_interval,
+    )
     print(info.path)
     return 0
 
@@ -42,7 +48,10 @@ def cmd_info(args: argparse.Namespace) -> int:
     from .sources import fetch_model
 
     settings = _settings(args, model=args.source)
-    info = fetch_model(settings.model).as_dict()
+    configure_logging(settings.log_level, settings.log_format)
+    info = fetch_model(
+        settings.model, settings.models_dir, progress_interval=settings.progress_interval
+    ).as_dict()
     if args.json:
         print(json.dumps(info, indent=2))
     else:

@@ -10,6 +10,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 ENV_PREFIX = "GGUF_APPLIANCE_"
 DEFAULT_ENV_FILE = Path("/etc/gguf-appliance/appliance.env")
 DEFAULT_MODEL = "bundled:smollm2-135m-instruct-q4_1"
+DEFAULT_MODELS_DIR = Path("/var/lib/gguf-appliance/models")
 
 
 def physical_cores() -> int:
@@ -44,7 +45,8 @@ class Settings(BaseSettings):
     model: str = Field(
         DEFAULT_MODEL,
         min_length=1,
-        description="Model source: `bundled:NAME`, a local path or `file://` URL.",
+        description="Model source: `bundled:NAME`, `hf://OWNER/REPO/FILE.gguf[@REV]`, "
+        "`https://...`, a local path or `file://` URL.",
     )
     model_sha256: str | None = Field(
         None,
@@ -52,8 +54,14 @@ class Settings(BaseSettings):
         description="Expected sha256 of the model file; the model is refused if it differs.",
     )
     models_dir: Path = Field(
-        Path("/var/lib/gguf-appliance/models"),
+        DEFAULT_MODELS_DIR,
         description="Directory that holds fetched models.",
+    )
+    progress_interval: float = Field(
+        10.0,
+        gt=0,
+        le=3600,
+        description="Seconds between download progress lines when not on a terminal.",
     )
     model_alias: str | None = Field(
         None,

