@@ -38,6 +38,7 @@ class Blob:
 class HubState:
     repos: dict[str, dict[str, Blob]] = field(default_factory=dict)  # repo id -> file -> blob
     private: set[str] = field(default_factory=set)
+    gated: set[str] = field(default_factory=set)  # 403 GatedRepo, token or not
     blobs: dict[str, Blob] = field(default_factory=dict)  # sha256 or name -> blob
     cut_once_at: int | None = None  # the next full transfer breaks off after this many bytes
     corrupt_blobs: set[str] = field(default_factory=set)  # served with one byte flipped
@@ -72,6 +73,8 @@ def make_app(state: HubState) -> Starlette:
             return _error(
                 401 if repo in state.private else 404, "RepoNotFound", "Repository not found"
             )
+        if repo in state.gated:
+            return _error(403, "GatedRepo", "Access to model is restricted")
         if request.path_params["revision"] not in ("main", COMMIT):
             return _error(404, "RevisionNotFound", "Invalid rev id")
         blob = files.get(request.path_params["path"])

@@ -45,6 +45,8 @@ def hub(model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     state.add_file("acme/smol", "SmolLM2-135M-Instruct.Q4_1.gguf", model_path)
     state.add_file("acme/private", "model.gguf", model_path)
     state.private.add("acme/private")
+    state.add_file("acme/gated", "model.gguf", model_path)
+    state.gated.add("acme/gated")
     for part in split_model(model_path, tmp_path_factory.mktemp("split")):
         state.add_file("acme/split", part.name, part)
     junk = tmp_path_factory.mktemp("junk") / "notes.gguf"
@@ -182,10 +184,14 @@ def test_hub_errors_are_one_line_and_leave_nothing(env: dict[str, str], tmp_path
         "hf://acme/smol/missing.gguf": "file not found: missing.gguf in acme/smol",
         "hf://acme/smol/SmolLM2-135M-Instruct.Q4_1.gguf@nope": "revision nope not found",
         "hf://acme/private/model.gguf": "HF_TOKEN is missing or lacks access",
+        "hf://acme/gated/model.gguf": "acme/gated is gated: accept its licence",
         "hf://acme/junk/notes.gguf": "not a GGUF file",
     }
     for source, message in cases.items():
         assert message in one_line_error(cli(env, source)), source
+    closed = {**env, "HF_ENDPOINT": f"http://127.0.0.1:{free_port()}"}
+    line = one_line_error(cli(closed, "hf://acme/smol/SmolLM2-135M-Instruct.Q4_1.gguf"))
+    assert "cannot reach the Hub at http://127.0.0.1:" in line
     assert leftovers(models) == []
 
 
