@@ -28,6 +28,7 @@ from .metrics import Metrics
 from .resources import static_dir
 from .settings import Settings
 from .sources import fetch_model, resolve_source
+from .systemd import SystemdNotifier
 
 log = logging.getLogger("gguf_appliance.app")
 access_log = logging.getLogger("gguf_appliance.access")
@@ -175,6 +176,8 @@ def create_app(settings: Settings) -> Starlette:
     app_metrics = Metrics(engine)
     engine.on_done = app_metrics.observe_generation
 
+    notifier = SystemdNotifier()
+
     async def load_model() -> None:
         try:
             info = await asyncio.to_thread(
@@ -185,25 +188,28 @@ def create_app(settings: Settings) -> Starlette:
                 progress_interval=settings.progress_interval,
             )
             await asyncio.to_thread(engine.load, info.path)
-        except ModelError as exc:
-            engine.load_error = exc.message
-            log.error("the model cannot be served: %s", exc.message)
-        except Exception as exc:  # any other failure still leaves a readable reason
-            engine.load_error = f"{type(exc).__name__}: {exc}"
+            notifier.notify("READY=1", f"STATUS=serving {info.path.name}")
+        except Exception as exc:
+            # A bad model is not a crash: the node stays up, says why on /health/ready and in
+            # `systemctl status`, and the balancer keeps it out. Restarting would not help.
+            engine.load_error = exc.message if isinstance(exc, ModelError) else f"{exc}"
             log.error("the model cannot be served: %s", engine.load_error)
+            notifier.notify("READY=1", f"STATUS=not serving: {engine.load_error}")
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        notifier.notify("STATUS=loading the model")
         loading = asyncio.create_task(load_model())
-        app.state.loading = loading
+        watchdog = asyncio.create_task(notifier.watchdog(engine.healthy))
         try:
             yield
         finally:
+            notifier.notify("STOPPING=1")
             engine.draining = True
-            if not loading.done():
-                loading.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await loading
+            for task in (loading, watchdog):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
             await asyncio.to_thread(engine.close)
 
     routes = [

@@ -61,6 +61,20 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_install(args: argparse.Namespace) -> int:
+    from .install import InstallPlan, install
+
+    plan = InstallPlan.for_this_installation(
+        root=args.root,
+        listen=args.listen,
+        upstream=f"127.0.0.1:{args.port}",
+        lb_subnet=args.lb_subnet,
+    )
+    for line in install(plan, start=not args.no_start) or ["nothing to change"]:
+        print(line)
+    return 0
+
+
 def settings_markdown() -> str:
     """A table of every setting: its variable, default and description (for the README)."""
     rows = ["| Variable | Default | Description |", "| --- | --- | --- |"]
@@ -108,6 +122,18 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("source", nargs="?", default=None, help="model source (default: settings)")
     info.add_argument("--json", action="store_true")
     info.set_defaults(func=cmd_info)
+
+    inst = sub.add_parser("install", help="install the systemd units and the NGINX site")
+    inst.add_argument("--root", type=Path, default=Path("/"), help="write under this root")
+    inst.add_argument("--listen", default="80", help="NGINX's listen address or port")
+    inst.add_argument("--port", type=int, default=8000, help="the app's port on 127.0.0.1")
+    inst.add_argument(
+        "--lb-subnet",
+        default="10.0.0.0/16",
+        help="the load balancer's subnet: X-Forwarded-For is trusted from it only",
+    )
+    inst.add_argument("--no-start", action="store_true", help="write files only")
+    inst.set_defaults(func=cmd_install)
 
     settings = sub.add_parser("settings", help="print the effective settings")
     settings.add_argument("--markdown", action="store_true", help="the table of every setting")

@@ -130,6 +130,12 @@ class Engine:
     def ready(self) -> bool:
         return self.scheduler is not None
 
+    def healthy(self) -> bool:
+        """False when the engine should be working and is not (its thread died)."""
+        if self.scheduler is None:
+            return self.model is None  # loading, or failed to load: nothing to watch
+        return self.scheduler.alive
+
     @property
     def slot_context(self) -> int:
         return self._require_model().n_ctx_seq

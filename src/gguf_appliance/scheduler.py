@@ -95,6 +95,10 @@ class SlotScheduler:
         self._thread.join()
 
     @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    @property
     def queue_depth(self) -> int:
         return len(self._waiting)
 

@@ -1,0 +1,62 @@
+"""Rewrite the pinned versions in cloud-init.yaml: every node of a pool installs the same bits.
+
+Resolves gguf-appliance's runtime dependencies for Python 3.10 (Ubuntu 22.04) and 3.12 (Ubuntu
+24.04) with pip's resolver (`--dry-run --report`, wheels only) and writes one constraint per
+package, with a python_version marker where the two differ.
+
+    .venv/bin/python deploy/update_pins.py
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import tempfile
+import tomllib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CLOUD_INIT = ROOT / "cloud-init.yaml"
+# llama-cpp-python is an sdist (built on the node); its own requirements are resolved here.
+LLAMA_CPP_REQUIREMENTS = ["numpy>=1.20.0", "typing-extensions>=4.5.0", "diskcache>=5.6.1",
+                          "jinja2>=2.11.3"]
+
+
+def resolve(python: str, requirements: list[str]) -> dict[str, str]:
+    with tempfile.TemporaryDirectory() as tmp:
+        report = Path(tmp) / "report.json"
+        subprocess.run(
+            [sys.executable, "-m", "pip", "install", "--dry-run", "--quiet", "--ignore-installed",
+             "--only-binary=:all:", "--python-version", python, "--target", f"{tmp}/t",
+             "--report", str(report), *requirements],
+            check=True,
+        )
+        installs = json.loads(report.read_text())["install"]
+    return {i["metadata"]["name"].lower().replace("_", "-"): i["metadata"]["version"]
+            for i in installs}
+
+
+def main() -> None:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    requirements = [r for r in project["dependencies"] if not r.startswith("llama-cpp-python")]
+    old, new = (resolve(v, requirements + LLAMA_CPP_REQUIREMENTS) for v in ("3.10", "3.12"))
+    lines = [f"gguf-appliance=={project['version']}", "llama-cpp-python==0.3.36"]
+    for name in sorted(set(old) | set(new)):
+        if old.get(name) == new.get(name):
+            lines.append(f"{name}=={new[name]}")
+            continue
+        if name in old:
+            lines.append(f'{name}=={old[name]}; python_version < "3.11"')
+        if name in new:
+            lines.append(f'{name}=={new[name]}; python_version >= "3.11"')
+    block = "\n".join("      " + line for line in lines)
+    text = CLOUD_INIT.read_text()
+    text = re.sub(r"(      # pins:start\n).*?(\n      # pins:end)", lambda m: m[1] + block + m[2],
+                  text, flags=re.S)
+    CLOUD_INIT.write_text(text)
+
+
+if __name__ == "__main__":
+    main()
