@@ -7,7 +7,7 @@ PORT ?= 8000
 # llama-cpp-python compiles from source; build on every core (pip caches the wheel after).
 export CMAKE_BUILD_PARALLEL_LEVEL ?= $(shell nproc)
 
-.PHONY: help install run test lint format clean readme bench
+.PHONY: help install system-deps run test lint format clean readme bench
 
 help:
 	@echo "make run    serve the chat page and API on http://$(HOST):$(PORT)/ (bundled model)"
@@ -29,7 +29,22 @@ install: $(VENV)/.installed
 run: install
 	$(BIN)/gguf-appliance serve --host $(HOST) --port $(PORT)
 
-test: install
+# What the tests run for real: NGINX, cloud-init's schema check, systemd-analyze. Debian or
+# Ubuntu; installed with apt-get when missing (as root, or through sudo).
+SYSTEM_PACKAGES := nginx cloud-init systemd
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+system-deps:
+	@missing=""; \
+	command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || missing="$$missing nginx"; \
+	command -v cloud-init >/dev/null 2>&1 || missing="$$missing cloud-init"; \
+	command -v systemd-analyze >/dev/null 2>&1 || missing="$$missing systemd"; \
+	if [ -n "$$missing" ]; then \
+		echo "installing:$$missing"; \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	fi
+
+test: install system-deps
 	$(BIN)/pytest
 
 lint: install
