@@ -7,7 +7,7 @@ PORT ?= 8000
 # llama-cpp-python compiles from source; build on every core (pip caches the wheel after).
 export CMAKE_BUILD_PARALLEL_LEVEL ?= $(shell nproc)
 
-.PHONY: help install system-deps run test lint format clean readme bench
+.PHONY: help install system-deps run test boot-test lint format clean readme bench
 
 help:
 	@echo "make run    serve the chat page and API on http://$(HOST):$(PORT)/ (bundled model)"
@@ -46,6 +46,14 @@ system-deps:
 
 test: install system-deps
 	$(BIN)/pytest
+
+# A Debian 12 container boots with our cloud-init.yaml and must end up serving through NGINX
+# on port 80 (root: debootstrap and systemd-nspawn). See tests_boot/test_boot.py.
+boot-test: install
+	@command -v debootstrap >/dev/null 2>&1 && command -v systemd-nspawn >/dev/null 2>&1 || \
+		{ $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+		  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq debootstrap systemd-container; }
+	$(SUDO) $(BIN)/pytest tests_boot -p no:cacheprovider -s
 
 lint: install
 	$(BIN)/ruff check .

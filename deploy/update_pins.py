@@ -1,8 +1,8 @@
 """Rewrite the pinned versions in cloud-init.yaml: every node of a pool installs the same bits.
 
-Resolves gguf-appliance's runtime dependencies for Python 3.10 (Ubuntu 22.04) and 3.12 (Ubuntu
-24.04) with pip's resolver (`--dry-run --report`, wheels only) and writes one constraint per
-package, with a python_version marker where the two differ.
+Resolves gguf-appliance's runtime dependencies for each supported Python (3.10 on Ubuntu 22.04,
+3.11 on Debian 12, 3.12 on Ubuntu 24.04) with pip's resolver (`--dry-run --report`, wheels
+only) and writes one constraint per package, with python_version markers where they differ.
 
     .venv/bin/python deploy/update_pins.py
 """
@@ -41,16 +41,17 @@ def resolve(python: str, requirements: list[str]) -> dict[str, str]:
 def main() -> None:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     requirements = [r for r in project["dependencies"] if not r.startswith("llama-cpp-python")]
-    old, new = (resolve(v, requirements + LLAMA_CPP_REQUIREMENTS) for v in ("3.10", "3.12"))
+    pythons = ("3.10", "3.11", "3.12")
+    resolved = {v: resolve(v, requirements + LLAMA_CPP_REQUIREMENTS) for v in pythons}
     lines = [f"gguf-appliance=={project['version']}", "llama-cpp-python==0.3.36"]
-    for name in sorted(set(old) | set(new)):
-        if old.get(name) == new.get(name):
-            lines.append(f"{name}=={new[name]}")
+    for name in sorted(set().union(*resolved.values())):
+        versions = {v: resolved[v].get(name) for v in pythons}
+        if len(set(versions.values())) == 1:
+            lines.append(f"{name}=={versions['3.10']}")
             continue
-        if name in old:
-            lines.append(f'{name}=={old[name]}; python_version < "3.11"')
-        if name in new:
-            lines.append(f'{name}=={new[name]}; python_version >= "3.11"')
+        for python, version in versions.items():
+            if version is not None:
+                lines.append(f'{name}=={version}; python_version == "{python}"')
     block = "\n".join("      " + line for line in lines)
     text = CLOUD_INIT.read_text()
     text = re.sub(r"(      # pins:start\n).*?(\n      # pins:end)", lambda m: m[1] + block + m[2],

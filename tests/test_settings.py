@@ -39,6 +39,19 @@ def test_env_file_named_by_the_environment(tmp_path: Path, monkeypatch: pytest.M
     assert load_settings().queue_size == 3
 
 
+def test_an_empty_env_file_variable_reads_no_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import gguf_appliance.settings as settings_module
+
+    default = tmp_path / "appliance.env"
+    default.write_text("GGUF_APPLIANCE_PORT=9999\n")
+    monkeypatch.setattr(settings_module, "DEFAULT_ENV_FILE", default)
+    assert load_settings().port == 9999  # the default file is read when it exists
+    monkeypatch.setenv("GGUF_APPLIANCE_ENV_FILE", "")
+    assert load_settings().port == 8000  # as under systemd: no file read at all
+
+
 def test_a_named_env_file_that_is_missing_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="env file not found"):
         load_settings(tmp_path / "absent.env")

@@ -156,6 +156,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except FileNotFoundError as exc:
         print(f"gguf-appliance: {exc}", file=sys.stderr)
         return 2
+    except PermissionError as exc:
+        print(f"gguf-appliance: cannot read {exc.filename}: permission denied", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

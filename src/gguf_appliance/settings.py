@@ -179,9 +179,14 @@ def load_settings(env_file: Path | str | None = None, **overrides: Any) -> Setti
     """Settings from the environment and an env file.
 
     The file is `env_file`, else `$GGUF_APPLIANCE_ENV_FILE`, else the default path when it
-    exists. A file named explicitly must exist. Environment variables win over the file.
+    exists. A file named explicitly must exist. `GGUF_APPLIANCE_ENV_FILE=` (empty) reads no file:
+    the systemd units set it, as systemd has already put the file's values in the environment.
+    Environment variables win over the file.
     """
-    explicit = env_file or os.environ.get(ENV_PREFIX + "ENV_FILE")
+    from_environment = os.environ.get(ENV_PREFIX + "ENV_FILE")
+    if env_file is None and from_environment == "":
+        return Settings(**overrides)
+    explicit = env_file or from_environment
     if explicit:
         path = Path(explicit)
         if not path.is_file():

@@ -1,0 +1,153 @@
+"""Boot test: a Debian 12 container boots with cloud-init and our cloud-init.yaml as NoCloud
+user data, and with no hand step ends serving a streamed answer through NGINX on port 80; after
+`kill -9` of the server, systemd brings it back and readiness returns.
+
+Run by `make boot-test` (root, systemd-nspawn, debootstrap). What it stands in for: an OCI VM
+booting Ubuntu with this user data. What only a real node shows: OCI's image and its iptables
+rules, Arm's build of llama.cpp, the Hugging Face download of the default model (here the model
+is a local file and pip's cache is shared so llama-cpp-python is not rebuilt from nothing).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from gguf_appliance.settings import DEFAULT_MODEL
+from gguf_appliance.sources import resolve_source
+
+ROOT = Path(__file__).resolve().parents[1]
+WORK = Path(os.environ.get("BOOT_TEST_DIR", "/var/tmp/gguf-appliance-boot"))
+BASE = WORK / "rootfs-base"
+PIP_CACHE = Path(os.environ.get("PIP_CACHE_DIR", Path.home() / ".cache/pip"))
+HOST_CA = Path("/etc/ssl/certs/ca-certificates.crt")
+# The base image carries what cloud-init would install anyway, so each run does not download it.
+PACKAGES = ("systemd,systemd-sysv,dbus,iproute2,procps,ca-certificates,cloud-init,python3-venv,"
+            "python3-dev,python3-pip,build-essential,cmake,git,nginx,python3-cffi-backend")
+
+
+def run(*command: str, **kwargs: object) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(command, check=True, text=True, capture_output=True, **kwargs)  # type: ignore[call-overload]
+
+
+def base_rootfs() -> Path:
+    if not (BASE / "usr/bin/cloud-init").exists():
+        shutil.rmtree(BASE, ignore_errors=True)
+        BASE.parent.mkdir(parents=True, exist_ok=True)
+        run("debootstrap", "--variant=minbase", f"--include={PACKAGES}", "bookworm", str(BASE),
+            "http://deb.debian.org/debian")
+    return BASE
+
+
+def user_data(model_path: Path, wheel: Path) -> str:
+    """Our cloud-init.yaml with the model and the package pointed at files in the container."""
+    config = yaml.safe_load((ROOT / "cloud-init.yaml").read_text())
+    for entry in config["write_files"]:
+        if entry["path"] == "/etc/gguf-appliance/appliance.env":
+            entry["content"] = entry["content"].replace(
+                entry["content"].split("GGUF_APPLIANCE_MODEL=")[1].split("\n")[0],
+                f"/srv/model/{model_path.name}",
+            )
+        if entry["path"] == "/etc/gguf-appliance/bootstrap.env":
+            entry["content"] = entry["content"].replace(
+                "GGUF_APPLIANCE_PACKAGE=gguf-appliance==0.1.0",
+                f"GGUF_APPLIANCE_PACKAGE=/srv/dist/{wheel.name}",
+            ).replace(
+                # This sandbox reaches PyPI through a TLS proxy with a CA of its own.
+                "PIP_EXTRA=", "PIP_EXTRA=\"--cert /srv/host-ca.crt\"",
+            )
+    return "#cloud-config\n" + yaml.safe_dump(config, sort_keys=False)
+
+
+def in_container(init_pid: int, *command: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["nsenter", "-t", str(init_pid), "-m", "-u", "-i", "-n", "-p", "--",
+                           *command], text=True, capture_output=True)
+
+
+def wait_for(check: object, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if check():  # type: ignore[operator]
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(2)
+    raise TimeoutError(what)
+
+
+@pytest.fixture(scope="module")
+def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
+    dist = tmp_path_factory.mktemp("dist")
+    run(sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "-w", str(dist), str(ROOT))
+    wheel = next(dist.glob("gguf_appliance-*.whl"))
+    model = resolve_source(DEFAULT_MODEL)
+    machine = WORK / "node"
+    shutil.rmtree(machine, ignore_errors=True)
+    run("cp", "-a", "--reflink=auto", str(base_rootfs()), str(machine))
+    seed = machine / "var/lib/cloud/seed/nocloud"
+    seed.mkdir(parents=True)
+    (seed / "user-data").write_text(user_data(model, wheel))
+    (seed / "meta-data").write_text("instance-id: gguf-boot-test\nlocal-hostname: node1\n")
+    (machine / "etc/cloud/cloud.cfg.d/99-datasource.cfg").write_text(
+        "datasource_list: [NoCloud, None]\n")
+    PIP_CACHE.mkdir(parents=True, exist_ok=True)
+    log = (WORK / "boot.log").open("w")
+    nspawn = subprocess.Popen(
+        ["systemd-nspawn", "-D", str(machine), "--boot", "--register=no", "--keep-unit",
+         f"--bind-ro={dist}:/srv/dist", f"--bind-ro={model.parent}:/srv/model",
+         f"--bind={PIP_CACHE}:/var/cache/gguf-appliance/pip",
+         f"--bind-ro={HOST_CA}:/srv/host-ca.crt"],
+        stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+    )
+    try:
+        def container_init() -> str:
+            found = subprocess.run(["pgrep", "-P", str(nspawn.pid)], text=True,
+                                   capture_output=True)
+            return found.stdout.strip()
+
+        wait_for(container_init, 30, "container init")
+        init_pid = int(container_init().split()[0])
+        yield init_pid
+    finally:
+        nspawn.send_signal(signal.SIGTERM)  # a clean poweroff of the container
+        try:
+            nspawn.wait(60)
+        except subprocess.TimeoutExpired:
+            nspawn.kill()
+        log.close()
+
+
+def test_fresh_node_serves_through_nginx_then_survives_kill_9(node: int) -> None:
+    ready_url = "http://127.0.0.1:80/health/ready"
+    try:
+        wait_for(lambda: httpx.get(ready_url, timeout=5).status_code == 200, 900,
+                 "the node never became ready")
+    except TimeoutError:
+        print(in_container(node, "cloud-init", "status", "--long").stdout)
+        print(in_container(node, "journalctl", "-b", "--no-pager", "-n", "200").stdout)
+        raise
+    assert "<html" in httpx.get("http://127.0.0.1:80/").text.lower()
+    body = {"messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 24}
+    with httpx.stream("POST", "http://127.0.0.1:80/generate", json=body, timeout=60) as response:
+        events = [line for line in response.iter_lines() if line.startswith("event:")]
+    assert events.count("event: token") > 1 and events[-1] == "event: done"
+
+    killed = in_container(node, "systemctl", "kill", "--signal=KILL", "gguf-appliance.service")
+    assert killed.returncode == 0, killed.stderr
+    wait_for(lambda: httpx.get(ready_url, timeout=5).status_code != 200, 30, "kill had no effect")
+    wait_for(lambda: httpx.get(ready_url, timeout=5).status_code == 200, 120,
+             "systemd did not bring the node back")
+    restarts = in_container(node, "systemctl", "show", "-p", "NRestarts", "--value",
+                            "gguf-appliance.service").stdout.strip()
+    assert int(restarts) >= 1
