@@ -8,11 +8,12 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 
-from gguf_appliance.engine import Engine, EngineConfig
+from gguf_appliance.engine import DoneEvent, Engine, EngineConfig, GenerationParams, TokenEvent
 from gguf_appliance.settings import DEFAULT_MODEL
 from gguf_appliance.sources import resolve_source
 
@@ -126,20 +127,40 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
     node.stop()
 
 
+def make_engine(model_path: Path, **config: Any) -> Engine:
+    """A loaded in-process engine on the real model; `config` overrides EngineConfig fields."""
+    defaults: dict[str, Any] = {
+        "n_ctx": 1024,
+        "n_slots": 1,
+        "n_batch": 256,
+        "threads": 2,
+        "queue_size": 2,
+        "max_tokens_cap": 512,
+        "retry_after": 3,
+    }
+    engine = Engine(EngineConfig(**{**defaults, **config}))
+    engine.load(model_path)
+    return engine
+
+
+async def collect(
+    engine: Engine, prompt: list[int], params: GenerationParams
+) -> tuple[str, DoneEvent]:
+    """Run one generation to its end: its text and its done event (an error event raises)."""
+    parts = []
+    async for event in engine.submit(prompt, params, timeout=120).events():
+        if isinstance(event, TokenEvent):
+            parts.append(event.text)
+        elif isinstance(event, DoneEvent):
+            return "".join(parts), event
+        else:
+            raise event.error
+    raise AssertionError("no done event")
+
+
 @pytest.fixture(scope="session")
 def engine(model_path: Path) -> Iterator[Engine]:
-    """An in-process engine on the real model (each test runs its own event loop)."""
-    eng = Engine(
-        EngineConfig(
-            n_ctx=1024,
-            n_slots=1,
-            n_batch=256,
-            threads=2,
-            queue_size=2,
-            max_tokens_cap=512,
-            retry_after=3,
-        )
-    )
-    eng.load(model_path)
+    """An in-process engine, one slot (each test runs its own event loop)."""
+    eng = make_engine(model_path)
     yield eng
     eng.close()

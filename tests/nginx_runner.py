@@ -39,8 +39,12 @@ http {{
 def render_site(tmp: Path, listen: str, upstream: str, lb_subnet: str) -> Path:
     """The shipped site and proxy files, filled in for a test; returns the main config."""
     plan = InstallPlan(
-        bin_dir=Path("/usr/bin"), static_dir=static_dir(), listen=listen, upstream=upstream,
-        lb_subnet=lb_subnet, nginx_dir=tmp / "nginx",
+        bin_dir=Path("/usr/bin"),
+        static_dir=static_dir(),
+        listen=listen,
+        upstream=upstream,
+        lb_subnet=lb_subnet,
+        nginx_dir=tmp / "nginx",
     )
     for path, text in rendered_files(plan).items():
         if path.is_relative_to(tmp):
@@ -55,8 +59,9 @@ def render_site(tmp: Path, listen: str, upstream: str, lb_subnet: str) -> Path:
 
 
 def check_config(conf: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([NGINX, "-t", "-p", str(conf.parent), "-c", str(conf)],
-                          capture_output=True, text=True)
+    return subprocess.run(
+        [NGINX, "-t", "-p", str(conf.parent), "-c", str(conf)], capture_output=True, text=True
+    )
 
 
 class RunningNginx:
@@ -65,7 +70,8 @@ class RunningNginx:
         self.conf = conf
         self.process = subprocess.Popen(
             [NGINX, "-p", str(conf.parent), "-c", str(conf), "-g", "daemon off;"],
-            stderr=subprocess.PIPE, text=True,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         deadline = time.monotonic() + 10
         while True:
@@ -74,7 +80,9 @@ class RunningNginx:
                 return
             except httpx.TransportError:
                 if self.process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"nginx did not start: {self.process.stderr.read()}") from None
+                    raise RuntimeError(
+                        f"nginx did not start: {self.process.stderr.read()}"
+                    ) from None
                 time.sleep(0.05)
 
     def stop(self) -> None:

@@ -32,8 +32,11 @@ def rendered_units(tmp_path: Path) -> dict[str, Path]:
 
 
 def test_cloud_init_passes_the_schema() -> None:
-    result = subprocess.run(["cloud-init", "schema", "-c", str(ROOT / "cloud-init.yaml")],
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        ["cloud-init", "schema", "-c", str(ROOT / "cloud-init.yaml")],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "Valid cloud-config" in result.stdout
 
@@ -58,8 +61,12 @@ def test_cloud_init_pins_every_runtime_dependency() -> None:
 
 def test_systemd_units_verify(tmp_path: Path) -> None:
     units = rendered_units(tmp_path)
-    result = subprocess.run(["systemd-analyze", "verify", "--man=no", *map(str, units.values())],
-                            capture_output=True, text=True, cwd=tmp_path)
+    result = subprocess.run(
+        ["systemd-analyze", "verify", "--man=no", *map(str, units.values())],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr
     assert result.stderr.strip() == "", result.stderr
 
@@ -67,8 +74,12 @@ def test_systemd_units_verify(tmp_path: Path) -> None:
 @pytest.mark.parametrize("unit", UNITS)
 def test_systemd_security_exposure_is_at_most_2_5(tmp_path: Path, unit: str) -> None:
     path = rendered_units(tmp_path)[unit]
-    result = subprocess.run(["systemd-analyze", "security", "--offline=yes", str(path)],
-                            capture_output=True, text=True, cwd=tmp_path)
+    result = subprocess.run(
+        ["systemd-analyze", "security", "--offline=yes", str(path)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
     match = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", result.stdout)
     assert match, result.stdout + result.stderr
     assert float(match.group(1)) <= 2.5
@@ -116,8 +127,18 @@ def test_install_writes_once_and_is_idempotent(tmp_path: Path) -> None:
 
 def test_install_through_the_cli(tmp_path: Path) -> None:
     result = subprocess.run(
-        [str(BIN / "gguf-appliance"), "install", "--root", str(tmp_path), "--no-start",
-         "--lb-subnet", "10.1.0.0/24"], capture_output=True, text=True)
+        [
+            str(BIN / "gguf-appliance"),
+            "install",
+            "--root",
+            str(tmp_path),
+            "--no-start",
+            "--lb-subnet",
+            "10.1.0.0/24",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stderr
     site = (tmp_path / "etc/nginx/sites-available/gguf-appliance").read_text()
     assert "set_real_ip_from 10.1.0.0/24;" in site

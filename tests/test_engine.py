@@ -9,6 +9,8 @@ from gguf_appliance.engine import DoneEvent, Engine, ErrorEvent, GenerationParam
 from gguf_appliance.errors import InvalidRequest, PromptTooLong, QueueFull
 from gguf_appliance.llama import SamplingParams
 
+from .conftest import collect
+
 GREEDY = SamplingParams(temperature=0.0)
 STORY = [{"role": "user", "content": "Write a very long story about a dragon and a knight."}]
 
@@ -21,22 +23,10 @@ def params(max_tokens: int = 64, stop: tuple[str, ...] = (), **sampling: float) 
     )
 
 
-async def run(engine: Engine, prompt: list[int], p: GenerationParams) -> tuple[str, DoneEvent]:
-    parts = []
-    async for event in engine.submit(prompt, p, timeout=60).events():
-        if isinstance(event, TokenEvent):
-            parts.append(event.text)
-        elif isinstance(event, DoneEvent):
-            return "".join(parts), event
-        else:
-            raise event.error
-    raise AssertionError("no done event")
-
-
 def test_greedy_generation_is_repeatable_and_counts_tokens(engine: Engine) -> None:
     prompt = engine.tokenize_messages([{"role": "user", "content": "Name three colours."}])
-    first = asyncio.run(run(engine, prompt, params(24)))
-    second = asyncio.run(run(engine, prompt, params(24)))
+    first = asyncio.run(collect(engine, prompt, params(24)))
+    second = asyncio.run(collect(engine, prompt, params(24)))
     assert first[0] == second[0] and first[0].strip()
     done = first[1]
     assert done.prompt_tokens == len(prompt)
@@ -45,7 +35,7 @@ def test_greedy_generation_is_repeatable_and_counts_tokens(engine: Engine) -> No
 
 
 def test_max_tokens_ends_with_length(engine: Engine) -> None:
-    text, done = asyncio.run(run(engine, engine.tokenize_messages(STORY), params(7)))
+    text, done = asyncio.run(collect(engine, engine.tokenize_messages(STORY), params(7)))
     assert text
     assert done.finish_reason == "length"
     assert done.completion_tokens == 7
@@ -55,9 +45,9 @@ def test_stop_string_ends_the_answer_before_it(engine: Engine) -> None:
     prompt = engine.tokenize_messages(
         [{"role": "user", "content": "Count from 1 to 20, separated by commas."}]
     )
-    full, _ = asyncio.run(run(engine, prompt, params(80)))
+    full, _ = asyncio.run(collect(engine, prompt, params(80)))
     assert "7" in full
-    cut, done = asyncio.run(run(engine, prompt, params(80, stop=("7",))))
+    cut, done = asyncio.run(collect(engine, prompt, params(80, stop=("7",))))
     assert done.finish_reason == "stop"
     assert "7" not in cut
     assert full.startswith(cut)
@@ -102,7 +92,7 @@ def test_deadline_ends_a_running_generation(engine: Engine) -> None:
 def test_prompt_longer_than_the_context_is_refused_with_its_size(engine: Engine) -> None:
     prompt = engine.tokenize_prompt("word " * 2000)
     with pytest.raises(PromptTooLong) as caught:
-        asyncio.run(run(engine, prompt, params(8)))
+        asyncio.run(collect(engine, prompt, params(8)))
     assert f"{len(prompt)} tokens" in caught.value.message
     assert f"{engine.slot_context} tokens" in caught.value.message
     assert caught.value.status_code == 400
@@ -110,7 +100,7 @@ def test_prompt_longer_than_the_context_is_refused_with_its_size(engine: Engine)
 
 def test_max_tokens_above_the_cap_is_refused(engine: Engine) -> None:
     with pytest.raises(InvalidRequest, match="at most 512"):
-        asyncio.run(run(engine, engine.tokenize_prompt("hi"), params(513)))
+        asyncio.run(collect(engine, engine.tokenize_prompt("hi"), params(513)))
 
 
 def test_full_queue_refuses_with_retry_after(engine: Engine) -> None:

@@ -19,8 +19,9 @@ STORY = [{"role": "user", "content": "Write a very long story about a dragon and
 
 @pytest.fixture(scope="module")
 def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
-    server = RunningServer({"GGUF_APPLIANCE_N_CTX": "2048"},
-                           tmp_path_factory.mktemp("node") / "server.log")
+    server = RunningServer(
+        {"GGUF_APPLIANCE_N_CTX": "2048"}, tmp_path_factory.mktemp("node") / "server.log"
+    )
     server.wait_ready()
     yield server
     server.stop()
@@ -51,8 +52,9 @@ def test_generate_streams_through_nginx_token_by_token(proxy: RunningNginx) -> N
     body = {"messages": STORY, "max_tokens": 200, "temperature": 0.7, "seed": 5}
     started = time.perf_counter()
     arrivals = []
-    with httpx.stream("POST", proxy.url + "/generate", json=body, timeout=60,
-                      headers={"Accept-Encoding": "gzip"}) as response:
+    with httpx.stream(
+        "POST", proxy.url + "/generate", json=body, timeout=60, headers={"Accept-Encoding": "gzip"}
+    ) as response:
         assert response.status_code == 200
         assert "content-encoding" not in response.headers  # no gzip on the event stream
         for line in response.iter_lines():
@@ -70,9 +72,14 @@ def test_openai_client_through_nginx(proxy: RunningNginx) -> None:
     client = openai.OpenAI(base_url=proxy.url + "/v1", api_key="unused", max_retries=0)
     reply = client.chat.completions.create(model="any", messages=STORY, max_tokens=8)  # type: ignore[arg-type]
     assert reply.choices[0].message.content
-    chunks = list(client.chat.completions.create(
-        model="any", messages=STORY, max_tokens=8, stream=True  # type: ignore[arg-type]
-    ))
+    chunks = list(
+        client.chat.completions.create(
+            model="any",
+            messages=STORY,
+            max_tokens=8,
+            stream=True,  # type: ignore[arg-type]
+        )
+    )
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
 
 
@@ -99,9 +106,12 @@ def test_forwarded_for_is_ignored_from_outside_the_balancer_subnet(proxy: Runnin
     # From 127.0.0.2, not the balancer: a new X-Forwarded-For per request buys no new budget.
     transport = httpx.HTTPTransport(local_address="127.0.0.2")
     with httpx.Client(transport=transport) as client:
-        codes = [client.get(proxy.url + "/v1/models",
-                            headers={"X-Forwarded-For": f"203.0.113.{i}"}).status_code
-                 for i in range(20)]
+        codes = [
+            client.get(
+                proxy.url + "/v1/models", headers={"X-Forwarded-For": f"203.0.113.{i}"}
+            ).status_code
+            for i in range(20)
+        ]
     assert 429 in codes
 
 

@@ -6,9 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from gguf_appliance.engine import DoneEvent, Engine, EngineConfig, GenerationParams, TokenEvent
+from gguf_appliance.engine import DoneEvent, Engine, GenerationParams, TokenEvent
 from gguf_appliance.llama import SamplingParams
 from gguf_appliance.scheduler import common_prefix
+
+from .conftest import collect, make_engine
 
 TOPICS = ["a dragon", "the sea", "a robot", "a small village", "the moon", "a lost cat"]
 
@@ -23,35 +25,17 @@ def greedy(max_tokens: int) -> GenerationParams:
 
 @pytest.fixture(scope="module")
 def batch_engine(model_path: Path) -> Iterator[Engine]:
-    eng = Engine(
-        EngineConfig(
-            n_ctx=2048,
-            n_slots=4,
-            n_batch=512,
-            threads=2,
-            queue_size=8,
-            max_tokens_cap=512,
-            retry_after=2,
-            prefill_chunk=32,
-        )
+    eng = make_engine(
+        model_path,
+        n_ctx=2048,
+        n_slots=4,
+        n_batch=512,
+        queue_size=8,
+        retry_after=2,
+        prefill_chunk=32,
     )
-    eng.load(model_path)
     yield eng
     eng.close()
-
-
-async def collect(
-    engine: Engine, prompt: list[int], params: GenerationParams
-) -> tuple[str, DoneEvent]:
-    parts = []
-    async for event in engine.submit(prompt, params, timeout=120).events():
-        if isinstance(event, TokenEvent):
-            parts.append(event.text)
-        elif isinstance(event, DoneEvent):
-            return "".join(parts), event
-        else:
-            raise event.error
-    raise AssertionError
 
 
 def test_common_prefix() -> None:
