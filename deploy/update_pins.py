@@ -9,41 +9,65 @@ only) and writes one constraint per package, with python_version markers where t
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import re
 import subprocess
 import sys
 import tempfile
-import tomllib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 CLOUD_INIT = ROOT / "cloud-init.yaml"
 # llama-cpp-python is an sdist (built on the node); its own requirements are resolved here.
-LLAMA_CPP_REQUIREMENTS = ["numpy>=1.20.0", "typing-extensions>=4.5.0", "diskcache>=5.6.1",
-                          "jinja2>=2.11.3"]
+LLAMA_CPP_REQUIREMENTS = [
+    "numpy>=1.20.0",
+    "typing-extensions>=4.5.0",
+    "diskcache>=5.6.1",
+    "jinja2>=2.11.3",
+]
 
 
 def resolve(python: str, requirements: list[str]) -> dict[str, str]:
     with tempfile.TemporaryDirectory() as tmp:
         report = Path(tmp) / "report.json"
         subprocess.run(
-            [sys.executable, "-m", "pip", "install", "--dry-run", "--quiet", "--ignore-installed",
-             "--only-binary=:all:", "--python-version", python, "--target", f"{tmp}/t",
-             "--report", str(report), *requirements],
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "install",
+                "--dry-run",
+                "--quiet",
+                "--ignore-installed",
+                "--only-binary=:all:",
+                "--python-version",
+                python,
+                "--target",
+                f"{tmp}/t",
+                "--report",
+                str(report),
+                *requirements,
+            ],
             check=True,
         )
         installs = json.loads(report.read_text())["install"]
-    return {i["metadata"]["name"].lower().replace("_", "-"): i["metadata"]["version"]
-            for i in installs}
+    return {
+        i["metadata"]["name"].lower().replace("_", "-"): i["metadata"]["version"] for i in installs
+    }
 
 
 def main() -> None:
-    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    requirements = [r for r in project["dependencies"] if not r.startswith("llama-cpp-python")]
+    # The installed package's own metadata (`pip install -e .` keeps it in step with pyproject).
+    requirements = [
+        r
+        for r in importlib.metadata.requires("gguf-appliance") or []
+        if "extra ==" not in r and not r.startswith("llama-cpp-python")
+    ]
+    version = importlib.metadata.version("gguf-appliance")
     pythons = ("3.10", "3.11", "3.12")
     resolved = {v: resolve(v, requirements + LLAMA_CPP_REQUIREMENTS) for v in pythons}
-    lines = [f"gguf-appliance=={project['version']}", "llama-cpp-python==0.3.36"]
+    lines = [f"gguf-appliance=={version}", "llama-cpp-python==0.3.36"]
     for name in sorted(set().union(*resolved.values())):
         versions = {v: resolved[v].get(name) for v in pythons}
         if len(set(versions.values())) == 1:
@@ -54,8 +78,12 @@ def main() -> None:
                 lines.append(f'{name}=={version}; python_version == "{python}"')
     block = "\n".join("      " + line for line in lines)
     text = CLOUD_INIT.read_text()
-    text = re.sub(r"(      # pins:start\n).*?(\n      # pins:end)", lambda m: m[1] + block + m[2],
-                  text, flags=re.S)
+    text = re.sub(
+        r"(      # pins:start\n).*?(\n      # pins:end)",
+        lambda m: m[1] + block + m[2],
+        text,
+        flags=re.S,
+    )
     CLOUD_INIT.write_text(text)
 
 

@@ -32,8 +32,10 @@ BASE = WORK / "rootfs-base"
 PIP_CACHE = Path(os.environ.get("PIP_CACHE_DIR", Path.home() / ".cache/pip"))
 HOST_CA = Path("/etc/ssl/certs/ca-certificates.crt")
 # The base image carries what cloud-init would install anyway, so each run does not download it.
-PACKAGES = ("systemd,systemd-sysv,dbus,iproute2,procps,ca-certificates,cloud-init,python3-venv,"
-            "python3-dev,python3-pip,build-essential,cmake,git,nginx,python3-cffi-backend")
+PACKAGES = (
+    "systemd,systemd-sysv,dbus,iproute2,procps,ca-certificates,cloud-init,python3-venv,"
+    "python3-dev,python3-pip,build-essential,cmake,git,nginx,python3-cffi-backend"
+)
 
 
 def run(*command: str, **kwargs: object) -> subprocess.CompletedProcess[str]:
@@ -44,8 +46,14 @@ def base_rootfs() -> Path:
     if not (BASE / "usr/bin/cloud-init").exists():
         shutil.rmtree(BASE, ignore_errors=True)
         BASE.parent.mkdir(parents=True, exist_ok=True)
-        run("debootstrap", "--variant=minbase", f"--include={PACKAGES}", "bookworm", str(BASE),
-            "http://deb.debian.org/debian")
+        run(
+            "debootstrap",
+            "--variant=minbase",
+            f"--include={PACKAGES}",
+            "bookworm",
+            str(BASE),
+            "http://deb.debian.org/debian",
+        )
     return BASE
 
 
@@ -59,19 +67,27 @@ def user_data(model_path: Path, wheel: Path) -> str:
                 f"/srv/model/{model_path.name}",
             )
         if entry["path"] == "/etc/gguf-appliance/bootstrap.env":
-            entry["content"] = entry["content"].replace(
-                "GGUF_APPLIANCE_PACKAGE=gguf-appliance==0.1.0",
-                f"GGUF_APPLIANCE_PACKAGE=/srv/dist/{wheel.name}",
-            ).replace(
-                # This sandbox reaches PyPI through a TLS proxy with a CA of its own.
-                "PIP_EXTRA=", "PIP_EXTRA=\"--cert /srv/host-ca.crt\"",
+            entry["content"] = (
+                entry["content"]
+                .replace(
+                    "GGUF_APPLIANCE_PACKAGE=gguf-appliance==0.1.0",
+                    f"GGUF_APPLIANCE_PACKAGE=/srv/dist/{wheel.name}",
+                )
+                .replace(
+                    # This sandbox reaches PyPI through a TLS proxy with a CA of its own.
+                    "PIP_EXTRA=",
+                    'PIP_EXTRA="--cert /srv/host-ca.crt"',
+                )
             )
     return "#cloud-config\n" + yaml.safe_dump(config, sort_keys=False)
 
 
 def in_container(init_pid: int, *command: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["nsenter", "-t", str(init_pid), "-m", "-u", "-i", "-n", "-p", "--",
-                           *command], text=True, capture_output=True)
+    return subprocess.run(
+        ["nsenter", "-t", str(init_pid), "-m", "-u", "-i", "-n", "-p", "--", *command],
+        text=True,
+        capture_output=True,
+    )
 
 
 def wait_for(check: object, timeout: float, what: str) -> None:
@@ -100,20 +116,31 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
     (seed / "user-data").write_text(user_data(model, wheel))
     (seed / "meta-data").write_text("instance-id: gguf-boot-test\nlocal-hostname: node1\n")
     (machine / "etc/cloud/cloud.cfg.d/99-datasource.cfg").write_text(
-        "datasource_list: [NoCloud, None]\n")
+        "datasource_list: [NoCloud, None]\n"
+    )
     PIP_CACHE.mkdir(parents=True, exist_ok=True)
     log = (WORK / "boot.log").open("w")
     nspawn = subprocess.Popen(
-        ["systemd-nspawn", "-D", str(machine), "--boot", "--register=no", "--keep-unit",
-         f"--bind-ro={dist}:/srv/dist", f"--bind-ro={model.parent}:/srv/model",
-         f"--bind={PIP_CACHE}:/var/cache/gguf-appliance/pip",
-         f"--bind-ro={HOST_CA}:/srv/host-ca.crt"],
-        stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        [
+            "systemd-nspawn",
+            "-D",
+            str(machine),
+            "--boot",
+            "--register=no",
+            "--keep-unit",
+            f"--bind-ro={dist}:/srv/dist",
+            f"--bind-ro={model.parent}:/srv/model",
+            f"--bind={PIP_CACHE}:/var/cache/gguf-appliance/pip",
+            f"--bind-ro={HOST_CA}:/srv/host-ca.crt",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
     )
     try:
+
         def container_init() -> str:
-            found = subprocess.run(["pgrep", "-P", str(nspawn.pid)], text=True,
-                                   capture_output=True)
+            found = subprocess.run(["pgrep", "-P", str(nspawn.pid)], text=True, capture_output=True)
             return found.stdout.strip()
 
         wait_for(container_init, 30, "container init")
@@ -131,8 +158,11 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
 def test_fresh_node_serves_through_nginx_then_survives_kill_9(node: int) -> None:
     ready_url = "http://127.0.0.1:80/health/ready"
     try:
-        wait_for(lambda: httpx.get(ready_url, timeout=5).status_code == 200, 900,
-                 "the node never became ready")
+        wait_for(
+            lambda: httpx.get(ready_url, timeout=5).status_code == 200,
+            900,
+            "the node never became ready",
+        )
     except TimeoutError:
         print(in_container(node, "cloud-init", "status", "--long").stdout)
         print(in_container(node, "journalctl", "-b", "--no-pager", "-n", "200").stdout)
@@ -146,8 +176,12 @@ def test_fresh_node_serves_through_nginx_then_survives_kill_9(node: int) -> None
     killed = in_container(node, "systemctl", "kill", "--signal=KILL", "gguf-appliance.service")
     assert killed.returncode == 0, killed.stderr
     wait_for(lambda: httpx.get(ready_url, timeout=5).status_code != 200, 30, "kill had no effect")
-    wait_for(lambda: httpx.get(ready_url, timeout=5).status_code == 200, 120,
-             "systemd did not bring the node back")
-    restarts = in_container(node, "systemctl", "show", "-p", "NRestarts", "--value",
-                            "gguf-appliance.service").stdout.strip()
+    wait_for(
+        lambda: httpx.get(ready_url, timeout=5).status_code == 200,
+        120,
+        "systemd did not bring the node back",
+    )
+    restarts = in_container(
+        node, "systemctl", "show", "-p", "NRestarts", "--value", "gguf-appliance.service"
+    ).stdout.strip()
     assert int(restarts) >= 1
