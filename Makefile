@@ -29,15 +29,18 @@ install: $(VENV)/.installed
 run: install
 	$(BIN)/gguf-appliance serve --host $(HOST) --port $(PORT)
 
-# What the tests run for real: NGINX, cloud-init's schema check, systemd-analyze. Debian or
-# Ubuntu; installed with apt-get when missing (as root, or through sudo).
-SYSTEM_PACKAGES := nginx cloud-init systemd
+# What the tests run for real: NGINX, cloud-init's schema check, systemd-analyze, Chromium (the
+# page's tests drive Debian's build with Playwright; no browser download) and CJK and emoji
+# fonts for its screenshots. Debian or Ubuntu; apt-get installs what is missing (root or sudo).
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 system-deps:
 	@missing=""; \
 	command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || missing="$$missing nginx"; \
 	command -v cloud-init >/dev/null 2>&1 || missing="$$missing cloud-init"; \
 	command -v systemd-analyze >/dev/null 2>&1 || missing="$$missing systemd"; \
+	[ -x /usr/bin/chromium ] || missing="$$missing chromium"; \
+	[ -d /usr/share/fonts/opentype/noto ] || missing="$$missing fonts-noto-cjk"; \
+	[ -e /usr/share/fonts/truetype/noto/NotoColorEmoji.ttf ] || missing="$$missing fonts-noto-color-emoji"; \
 	if [ -n "$$missing" ]; then \
 		echo "installing:$$missing"; \
 		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
