@@ -204,3 +204,22 @@ def test_usable_on_a_phone(browser: Browser, server: RunningServer) -> None:
     assert phone.locator("#send").is_visible() and phone.locator("#stop").is_visible()
     shot(phone, "phone")
     context.close()
+
+
+def test_page_works_behind_nginx(page: Page, server: RunningServer, tmp_path: Path) -> None:
+    from .conftest import free_port
+    from .nginx_runner import RunningNginx, render_site
+
+    port = free_port()
+    nginx = RunningNginx(
+        render_site(tmp_path, f"127.0.0.1:{port}", f"127.0.0.1:{server.port}", "127.0.0.1/32"), port
+    )
+    try:
+        page.goto(nginx.url + "/")
+        expect(page.locator("#status")).to_contain_text("Ready")
+        send(page, "Say hello.")
+        expect(page.locator("#log li.assistant .stats").first).to_contain_text(
+            "tokens · first token", timeout=30_000
+        )
+    finally:
+        nginx.stop()
