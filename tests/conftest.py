@@ -1,10 +1,12 @@
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -92,6 +94,33 @@ class RunningServer:
                 self.process.kill()
                 self.process.wait()
         self._log.close()
+
+
+@contextlib.contextmanager
+def slot_held(node: RunningServer) -> Iterator[None]:
+    """While inside, one long streamed answer keeps one of the node's slots busy."""
+    started, release = threading.Event(), threading.Event()
+    body = {
+        "messages": [{"role": "user", "content": "Write a very long story about a dragon."}],
+        "max_tokens": 1500,
+        "temperature": 0.7,
+    }
+
+    def hold() -> None:
+        with httpx.stream("POST", node.url("/generate"), json=body, timeout=60) as response:
+            for line in response.iter_lines():
+                started.set()
+                if release.is_set() or line.startswith(("event: done", "event: error")):
+                    return  # leaving closes the stream: the server frees the slot
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    try:
+        assert started.wait(30), "the slot-holding stream never started"
+        yield
+    finally:
+        release.set()
+        holder.join(30)
 
 
 @pytest.fixture(scope="session")

@@ -1,13 +1,12 @@
 from __future__ import annotations
 
-import threading
 import time
 from typing import Any
 
 import httpx
 import pytest
 
-from .conftest import RunningServer
+from .conftest import RunningServer, slot_held
 from .sse import events
 
 CHAT = [{"role": "user", "content": "Write a very long story about a dragon and a knight."}]
@@ -117,27 +116,11 @@ def test_client_disconnect_stops_generation(server: RunningServer) -> None:
 
 def test_full_queue_gets_503_with_retry_after(start_server: Any) -> None:
     node = start_server(n_slots=1, queue_size=0, retry_after=7)
-    body = {"messages": CHAT, "max_tokens": 1500, "temperature": 0.7}
-    started, release = threading.Event(), threading.Event()
-
-    def hold_the_slot() -> None:
-        with httpx.stream("POST", node.url("/generate"), json=body, timeout=60) as response:
-            for name, _ in events(response):
-                started.set()
-                if name != "token" or release.is_set():
-                    return
-
-    holder = threading.Thread(target=hold_the_slot)
-    holder.start()
-    try:
-        assert started.wait(30)
+    with slot_held(node):
         response = httpx.post(node.url("/generate"), json={"prompt": "hi"})
         assert response.status_code == 503
         assert response.headers["retry-after"] == "7"
         assert response.json()["error"]["code"] == "queue_full"
-    finally:
-        release.set()
-        holder.join(30)
     # The slot is free again once the holder has gone.
     time.sleep(0.3)
     again = httpx.post(node.url("/generate"), json={"prompt": "hi", "max_tokens": 2}, timeout=30)

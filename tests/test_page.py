@@ -5,18 +5,15 @@ Screenshots go to test-artifacts/ (not committed).
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 from playwright.sync_api import Browser, Page, Route, expect, sync_playwright
 
-from .conftest import RunningServer
-from .sse import events
+from .conftest import RunningServer, slot_held
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
 CHROMIUM_ARGS = [
@@ -149,29 +146,13 @@ def test_markup_in_messages_and_answers_runs_nothing(page: Page, server: Running
 
 def test_busy_node_shows_when_to_retry(page: Page, start_server: Any) -> None:
     node = start_server(n_slots=1, queue_size=0, retry_after=9)
-    started, release = threading.Event(), threading.Event()
-
-    def hold_the_slot() -> None:
-        body = {"messages": [{"role": "user", "content": STORY}], "max_tokens": 1500}
-        with httpx.stream("POST", node.url("/generate"), json=body, timeout=60) as response:
-            for name, _ in events(response):
-                started.set()
-                if name != "token" or release.is_set():
-                    return
-
-    holder = threading.Thread(target=hold_the_slot)
-    holder.start()
-    try:
-        assert started.wait(30)
+    with slot_held(node):
         page.goto(node.base_url + "/")
         send(page, "hello")
         error = page.locator("#log li.error")
         expect(error).to_contain_text("The node is busy right now")
         expect(error).to_contain_text("Try again in 9 s.")
         shot(page, "busy")
-    finally:
-        release.set()
-        holder.join(30)
 
 
 def test_settings_are_remembered(page: Page, server: RunningServer) -> None:

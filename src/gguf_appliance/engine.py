@@ -54,7 +54,6 @@ class Generation:
     def __init__(self, scheduler: SlotScheduler, job: Job) -> None:
         self._scheduler = scheduler
         self._job = job
-        self.prompt_tokens = len(job.prompt)
 
     async def events(self) -> AsyncIterator[Event]:
         while True:
@@ -74,7 +73,6 @@ class Engine:
         self.config = config
         self.model: LlamaModel | None = None
         self.scheduler: SlotScheduler | None = None
-        self.model_path: Path | None = None
         self.load_seconds: float | None = None
         self.load_error: str | None = None
         self.draining = False
@@ -88,7 +86,6 @@ class Engine:
         """Load the model and start the scheduler (blocking: run it in a thread)."""
         started = time.monotonic()
         config = self.config
-        self.model_path = model_path
         self.model = LlamaModel(
             model_path,
             n_ctx=config.n_ctx * config.n_slots,
