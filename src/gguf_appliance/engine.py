@@ -12,14 +12,13 @@ import itertools
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .errors import ApplianceError, Draining, InvalidRequest, NotReady, PromptTooLong
 from .jobs import DoneEvent, ErrorEvent, Event, GenerationParams, Job, TokenEvent
 from .llama import LlamaModel
-from .scheduler import SchedulerConfig, SlotScheduler
+from .scheduler import EngineConfig, SlotScheduler
 
 __all__ = [
     "DoneEvent",
@@ -33,19 +32,6 @@ __all__ = [
 ]
 
 log = logging.getLogger("gguf_appliance.engine")
-
-
-@dataclass(frozen=True)
-class EngineConfig:
-    n_ctx: int  # per slot
-    n_slots: int
-    n_batch: int
-    threads: int
-    queue_size: int
-    max_tokens_cap: int
-    retry_after: int
-    prefill_chunk: int = 64
-    reuse_prefix: bool = True
 
 
 class Generation:
@@ -95,13 +81,7 @@ class Engine:
         )
         self.scheduler = SlotScheduler(
             self.model,
-            SchedulerConfig(
-                n_slots=config.n_slots,
-                queue_size=config.queue_size,
-                prefill_chunk=config.prefill_chunk,
-                reuse_prefix=config.reuse_prefix,
-                retry_after=config.retry_after,
-            ),
+            config,
             on_done=lambda done: self.on_done(done) if self.on_done else None,
         )
         self.scheduler.start()

@@ -27,6 +27,16 @@ class PromptTooLong(InvalidRequest):
     code = "context_length_exceeded"
 
 
+class BodyTooLarge(InvalidRequest):
+    status_code = 413
+    code = "request_too_large"
+
+
+class ClientDisconnected(ApplianceError):
+    status_code = 499  # NGINX's code for it: logged and counted, never seen by the client
+    code = "client_disconnected"
+
+
 class Unauthorized(ApplianceError):
     status_code = 401
     code = "invalid_api_key"

@@ -18,7 +18,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from .engine import DoneEvent, Engine, ErrorEvent, Generation, GenerationParams, TokenEvent
-from .errors import ApplianceError, InvalidRequest
+from .errors import ApplianceError, BodyTooLarge, ClientDisconnected
 from .schemas import GenerateRequest, parse_body
 from .settings import Settings
 
@@ -35,16 +35,6 @@ async def read_body(request: Request, limit: int) -> bytes:
             raise BodyTooLarge(f"the request body is larger than {limit} bytes")
         chunks.append(chunk)
     return b"".join(chunks)
-
-
-class ClientDisconnected(ApplianceError):
-    status_code = 499  # NGINX's code for it: logged and counted, never seen by the client
-    code = "client_disconnected"
-
-
-class BodyTooLarge(InvalidRequest):
-    status_code = 413
-    code = "request_too_large"
 
 
 def start(

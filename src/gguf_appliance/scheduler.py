@@ -56,19 +56,25 @@ class Slot:
 
 
 @dataclass(frozen=True)
-class SchedulerConfig:
+class EngineConfig:
+    """The engine's knobs; the scheduler reads the ones about slots and the queue."""
+
+    n_ctx: int  # per slot
     n_slots: int
+    n_batch: int
+    threads: int
     queue_size: int
-    prefill_chunk: int
-    reuse_prefix: bool
+    max_tokens_cap: int
     retry_after: int
+    prefill_chunk: int = 64
+    reuse_prefix: bool = True
 
 
 class SlotScheduler:
     def __init__(
         self,
         model: LlamaModel,
-        config: SchedulerConfig,
+        config: EngineConfig,
         on_done: Callable[[DoneEvent], None] | None = None,
     ) -> None:
         self.model = model
