@@ -18,7 +18,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from .engine import DoneEvent, Engine, ErrorEvent, Generation, GenerationParams, TokenEvent
-from .errors import ApplianceError, BodyTooLarge, ClientDisconnected
+from .errors import ApplianceError, BodyTooLarge, ClientDisconnected, PromptTooLong
 from .schemas import GenerateRequest, parse_body
 from .settings import Settings
 
@@ -43,7 +43,16 @@ def start(
     """Tokenize and submit on the app's engine; raises ApplianceError before any response."""
     engine: Engine = request.app.state.engine
     settings: Settings = request.app.state.settings
-    return engine.submit(tokenize(engine), params, timeout=settings.request_timeout)
+    prompt = tokenize(engine)
+    limit = settings.max_prompt_tokens
+    if limit is not None and len(prompt) > limit:
+        raise PromptTooLong(
+            f"the prompt has {len(prompt)} tokens; this node takes at most {limit}",
+            param="messages",
+        )
+    generation = engine.submit(prompt, params, timeout=settings.request_timeout)
+    request.state.generation = generation  # for the request's log line
+    return generation
 
 
 async def until_disconnect(request: Request) -> None:
