@@ -7,14 +7,22 @@ CRLF, so it waits for the next chunk.
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 from collections.abc import Iterable, Iterator
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 
 _LINE_END = re.compile(r"\r\n|\r|\n")
+_Text = TypeVar("_Text", str, bytes)
+
+
+def cut_at(data: _Text, cuts: Iterable[int]) -> list[_Text]:
+    """`data` in pieces, cut at the given offsets (taken modulo its length), as a network may."""
+    points = sorted({c % (len(data) + 1) for c in cuts})
+    return [data[a:b] for a, b in itertools.pairwise([0, *points, len(data)])]
 
 
 class EventStreamParser:

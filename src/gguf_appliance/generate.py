@@ -111,18 +111,24 @@ def sse_response(generation: Generation, events: AsyncIterator[Any]) -> Response
     )
 
 
-def _json(data: dict[str, Any]) -> str:
-    return json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+# Characters JSON leaves raw that str.splitlines (and so httpx's iter_lines, which many SSE
+# clients use) takes for line ends: escaped, so such a client never sees an event cut in two.
+_LINE_SEPARATORS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
+def event_json(data: dict[str, Any]) -> str:
+    """JSON for an event's data: UTF-8 as it is, except what a line splitter would cut at."""
+    return json.dumps(data, ensure_ascii=False, separators=(",", ":")).translate(_LINE_SEPARATORS)
 
 
 async def _generate_events(generation: Generation) -> AsyncIterator[ServerSentEvent]:
     async for event in generation.events():
         if isinstance(event, TokenEvent):
-            yield ServerSentEvent(_json({"text": event.text}), event="token")
+            yield ServerSentEvent(event_json({"text": event.text}), event="token")
         elif isinstance(event, DoneEvent):
-            yield ServerSentEvent(_json(done_payload(event)), event="done")
+            yield ServerSentEvent(event_json(done_payload(event)), event="done")
         elif isinstance(event, ErrorEvent):
-            yield ServerSentEvent(_json(error_payload(event.error)), event="error")
+            yield ServerSentEvent(event_json(error_payload(event.error)), event="error")
 
 
 def done_payload(done: DoneEvent) -> dict[str, Any]:
