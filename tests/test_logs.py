@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -163,3 +164,20 @@ def test_under_journald_each_line_carries_its_priority(tmp_path: Path) -> None:
         check=True,
     )
     assert plain.stderr.startswith("{")
+
+
+def test_a_client_that_leaves_mid_body_is_a_499_not_a_traceback(server: RunningServer) -> None:
+    # Found by the soak: starlette's ClientDisconnect escaped as a 500 with a traceback.
+    with socket.create_connection(("127.0.0.1", server.port)) as sock:
+        sock.sendall(
+            b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"X-Request-ID: req-half-body\r\nContent-Length: 100\r\n\r\n"
+            b'{"prompt": "hel'
+        )
+        time.sleep(0.2)
+    deadline = time.monotonic() + 10
+    while "req-half-body" not in server.log() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    line = next(x for x in server.log().splitlines() if "req-half-body" in x)
+    assert "status=499" in line and "error=client_disconnected" in line
+    assert "Traceback" not in server.log()
