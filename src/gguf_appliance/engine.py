@@ -158,6 +158,8 @@ class Engine:
                 f"{self.config.max_tokens_cap}",
                 param="max_tokens",
             )
+        if params.sampling.grammar is not None:
+            self._require_model().check_grammar(params.sampling.grammar)
         room = self.slot_context
         if len(prompt) >= room:
             raise PromptTooLong(
