@@ -1,10 +1,10 @@
 """Soak: one real node on 127.0.0.1 under mixed clients for a while; nothing may fail or leak.
 
 The clients, all at once: valid requests (streamed and not, /generate and /v1), invalid ones
-(bad JSON, bad fields, no key or a wrong one, a body too large, a prompt too long, unknown
-paths and methods), slow readers, and clients that leave at every stage (mid-body, before the
-answer, mid-stream, while queued). More of them than the node has slots and queue places, so
-some get the deliberate 503.
+(bad JSON, JSON nested too deeply, bad fields, a JSON schema too large for a grammar, no key
+or a wrong one, a body too large, a prompt too long, unknown paths and methods), slow readers,
+and clients that leave at every stage (mid-body, before the answer, mid-stream, while queued).
+More of them than the node has slots and queue places, so some get the deliberate 503.
 
 Checks: every answer is the expected one (no 5xx but the deliberate 503 `queue_full`, with
 Retry-After; every stream ends with its done event); no error or traceback in the node's log;
@@ -211,6 +211,22 @@ INVALID: list[tuple[str, str, dict[str, Any], int]] = [
         404,
     ),
     ("POST", "/v1/completions", {"json": {"prompt": "hi", "n": 3}, "headers": AUTH}, 400),
+    (
+        "POST",
+        "/v1/chat/completions",
+        {
+            "json": {
+                "messages": [{"role": "user", "content": "hi"}],
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {"schema": {"type": "string", "minLength": 10**8}},
+                },
+            },
+            "headers": AUTH,
+        },
+        400,
+    ),
+    ("POST", "/generate", {"content": b"[" * 5000 + b"]" * 5000, "headers": AUTH}, 400),
     ("GET", "/generate", {"headers": AUTH}, 405),
     ("GET", "/no-such-file", {}, 404),
 ]
