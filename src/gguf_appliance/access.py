@@ -113,6 +113,7 @@ class RequestMiddleware:
                 await self.app(scope, receive_and_keep, send_with_id)
             else:
                 error = Unauthorized("a valid API key is required: Authorization: Bearer KEY")
+                state["error"] = error.code
                 await error_response(error)(scope, receive, send_with_id)
         finally:
             elapsed = time.perf_counter() - started
