@@ -11,6 +11,7 @@ export CMAKE_BUILD_PARALLEL_LEVEL ?= $(shell nproc)
 
 help:
 	@echo "make run    serve the chat page and API on http://$(HOST):$(PORT)/ (bundled model)"
+	@echo "make pool   three nodes behind NGINX on http://$(POOL_LISTEN)/ (Ctrl-C stops them)"
 	@echo "make test   install what the tests need and run them"
 	@echo "make lint   ruff and mypy"
 
@@ -37,6 +38,11 @@ checkov: $(CHECKOV_VENV)/bin/checkov
 
 run: install
 	$(BIN)/gguf-appliance serve --host $(HOST) --port $(PORT)
+
+# Three nodes behind NGINX on this machine, as on OCI (deploy/local_pool.py); Ctrl-C stops all.
+POOL_LISTEN ?= 127.0.0.1:8080
+pool: install system-deps
+	$(BIN)/python deploy/local_pool.py --listen $(POOL_LISTEN)
 
 # What the tests run for real: NGINX, cloud-init's schema check, systemd-analyze, Chromium (the
 # page's tests drive Debian's build with Playwright; no browser download) and CJK and emoji
