@@ -316,3 +316,17 @@ def test_systemd_stop_timeout_outlasts_the_drain() -> None:
     assert match
     drain = Settings.model_fields["drain_timeout"].default
     assert int(match[1]) >= drain + 10
+
+
+def test_the_node_stops_before_nginx_so_the_drain_reaches_clients() -> None:
+    # A machine shutting down (a reboot, a scaled-in pool node) stops both units. Debian's
+    # nginx.service gives NGINX 5 s (TimeoutStopSec=5) and then kills it, which would cut the
+    # streams the node is still draining; ordered After=nginx.service, the node stops first.
+    unit = (ROOT / "systemd/gguf-appliance.service").read_text()
+    after = [
+        name
+        for line in unit.splitlines()
+        if line.startswith("After=")
+        for name in line.removeprefix("After=").split()
+    ]
+    assert "nginx.service" in after
