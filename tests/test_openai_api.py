@@ -1,10 +1,13 @@
 from __future__ import annotations
 
+import json
 import time
+from typing import Literal
 
 import httpx
 import openai
 import pytest
+from pydantic import BaseModel
 
 from .conftest import RunningServer
 
@@ -154,3 +157,95 @@ def test_unstreamed_request_is_cancelled_when_the_client_leaves(server: RunningS
     assert server.metric("gguf_appliance_busy_slots") == 0
     assert server.metric(cancelled) == before[0] + 1
     assert server.metric(gone) == before[1] + 1
+
+
+def test_json_schema_response_format_is_followed(client: openai.OpenAI) -> None:
+    schema = {
+        "type": "object",
+        "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
+        "required": ["name", "age"],
+        "additionalProperties": False,
+    }
+    reply = client.chat.completions.create(
+        model="SmolLM2-135M-Instruct.Q4_1",
+        messages=[{"role": "user", "content": "Invent a person. Give a name and an age."}],
+        max_tokens=64,
+        temperature=0.9,  # sampled, not greedy: the grammar alone must keep it in shape
+        seed=7,
+        response_format={
+            "type": "json_schema",
+            "json_schema": {"name": "person", "schema": schema, "strict": True},
+        },
+    )
+    assert reply.choices[0].finish_reason == "stop"
+    person = json.loads(reply.choices[0].message.content or "")
+    assert set(person) == {"name", "age"}
+    assert isinstance(person["name"], str)
+    assert isinstance(person["age"], int)
+
+
+def test_the_clients_parse_helper_gets_a_pydantic_object(client: openai.OpenAI) -> None:
+    class Verdict(BaseModel):
+        sentiment: Literal["positive", "negative"]
+
+    reply = client.chat.completions.parse(
+        model="SmolLM2-135M-Instruct.Q4_1",
+        messages=[{"role": "user", "content": "Review: awful, it broke. Sentiment?"}],
+        max_tokens=32,
+        temperature=0,  # type: ignore[arg-type]
+        response_format=Verdict,
+    )
+    parsed = reply.choices[0].message.parsed
+    assert isinstance(parsed, Verdict)
+    assert parsed.sentiment in ("positive", "negative")
+
+
+def test_json_object_response_format_gives_an_object(client: openai.OpenAI) -> None:
+    reply = client.chat.completions.create(
+        model="SmolLM2-135M-Instruct.Q4_1",
+        messages=[{"role": "user", "content": "Describe a cat in JSON."}],
+        max_tokens=96,
+        temperature=0,  # type: ignore[arg-type]
+        response_format={"type": "json_object"},
+    )
+    content = reply.choices[0].message.content or ""
+    if reply.choices[0].finish_reason == "stop":
+        assert isinstance(json.loads(content), dict)
+    else:  # cut by max_tokens: still the start of an object
+        assert content.lstrip().startswith("{")
+
+
+def test_grammar_extension_on_completions(client: openai.OpenAI) -> None:
+    reply = client.completions.create(
+        model="SmolLM2-135M-Instruct.Q4_1",
+        prompt="The answer is",
+        max_tokens=8,
+        temperature=1.0,
+        seed=3,
+        extra_body={"grammar": 'root ::= " yes" | " no"'},
+    )
+    assert reply.choices[0].text in (" yes", " no")
+
+
+@pytest.mark.parametrize(
+    ("extra", "param"),
+    [
+        ({"grammar": "root ::= ("}, "grammar"),
+        ({"response_format": {"type": "json_schema"}}, "response_format"),
+        (
+            {"response_format": {"type": "json_schema", "json_schema": {"schema": {"$ref": "x"}}}},
+            "response_format",
+        ),
+        ({"grammar": 'root ::= "a"', "response_format": {"type": "json_object"}}, None),
+    ],
+)
+def test_bad_constraints_are_refused_with_400(
+    server: RunningServer, extra: dict[str, object], param: str | None
+) -> None:
+    body = {"messages": HELLO, "max_tokens": 4, **extra}
+    response = httpx.post(server.url("/v1/chat/completions"), json=body, timeout=30)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["message"]
+    if param is not None:
+        assert (error["param"] or "").startswith(param)

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from gguf_appliance.engine import DoneEvent, Engine, GenerationParams, TokenEvent
+from gguf_appliance.errors import InvalidRequest
 from gguf_appliance.llama import SamplingParams
 from gguf_appliance.scheduler import common_prefix
 
@@ -159,3 +160,39 @@ def test_cancel_frees_the_slot_at_once(batch_engine: Engine) -> None:
         return batch_engine.busy_slots
 
     assert asyncio.run(scenario()) == 0
+
+
+def test_a_grammar_holds_for_every_slot_of_a_sampled_batch(batch_engine: Engine) -> None:
+    labels = ("positive", "negative", "neutral")
+    grammar = "root ::= " + " | ".join(f'"{label}"' for label in labels)
+    prompt = batch_engine.tokenize_messages(
+        [{"role": "user", "content": "Is this review happy or sad? 'It was fine, I guess.'"}]
+    )
+
+    async def run() -> list[tuple[str, DoneEvent]]:
+        runs = [
+            collect(
+                batch_engine,
+                prompt,
+                GenerationParams(
+                    max_tokens=16,
+                    sampling=SamplingParams(
+                        temperature=1.5, top_k=0, min_p=0, seed=seed, grammar=grammar
+                    ),
+                ),
+            )
+            for seed in range(12)
+        ]
+        return await asyncio.gather(*runs)
+
+    results = asyncio.run(run())
+    assert all(text in labels for text, _ in results), [text for text, _ in results]
+    assert all(done.finish_reason == "stop" for _, done in results)
+    assert len({text for text, _ in results}) > 1  # really sampled, yet never off the list
+
+
+def test_an_unparsable_grammar_is_refused_at_submit(batch_engine: Engine) -> None:
+    prompt = batch_engine.tokenize_prompt("Hello")
+    bad = GenerationParams(max_tokens=4, sampling=SamplingParams(grammar='root ::= "a'))
+    with pytest.raises(InvalidRequest, match="grammar"):
+        batch_engine.submit(prompt, bad, timeout=10)

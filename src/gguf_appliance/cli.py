@@ -75,6 +75,59 @@ def cmd_install(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_batch(args: argparse.Namespace) -> int:
+    import asyncio
+    import os
+
+    from .batch import BatchOptions, run_batch
+    from .batch_backends import JobFailed
+    from .batch_io import BatchInputError
+    from .errors import InvalidRequest
+
+    settings = _settings(args, model=args.model_source)
+    configure_logging(settings.log_level, settings.log_format)
+    schema = None
+    if args.schema is not None:
+        schema = json.loads(Path(args.schema).read_text(encoding="utf-8"))
+    template = args.template
+    if template is not None and template.startswith("@"):
+        template = Path(template[1:]).read_text(encoding="utf-8")
+    opts = BatchOptions(
+        input=args.input,
+        output=args.output,
+        task=args.task,
+        labels=tuple(label.strip() for label in (args.labels or "").split(",") if label.strip()),
+        template=template,
+        schema=schema,
+        system=args.system,
+        id_field=args.id_field,
+        text_field=args.text_field,
+        format=args.format,
+        target=args.target,
+        api_key=args.api_key or os.environ.get("GGUF_APPLIANCE_BATCH_API_KEY"),
+        model=args.model,
+        concurrency=args.concurrency,
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        chunk_chars=args.chunk_chars,
+        retries=args.retries,
+        endpoint_url=args.endpoint_url,
+        checkpoint_seconds=args.checkpoint_seconds,
+        progress_interval=settings.progress_interval,
+    )
+    try:
+        summary = asyncio.run(run_batch(opts, settings))
+    except (InvalidRequest, BatchInputError, JobFailed) as exc:
+        print(f"gguf-appliance batch: {exc.message}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("gguf-appliance batch: interrupted; run the same command to go on", file=sys.stderr)
+        return 130
+    print(f"gguf-appliance batch: {summary.line()}", file=sys.stderr)
+    print(json.dumps(summary.as_dict()))
+    return 0 if summary.failed == 0 else 3
+
+
 def settings_markdown() -> str:
     """A table of every setting: its variable, default and description (for the README)."""
     rows = ["| Variable | Default | Description |", "| --- | --- | --- |"]
@@ -134,6 +187,45 @@ def build_parser() -> argparse.ArgumentParser:
     )
     inst.add_argument("--no-start", action="store_true", help="write files only")
     inst.set_defaults(func=cmd_install)
+
+    batch = sub.add_parser(
+        "batch",
+        help="run a task over every row of a data set",
+        description="Run a task over every row of INPUT (JSONL, CSV or a directory of text "
+        "files; a path or s3://, oci://, gs:// URL) and append one JSON line per row to OUTPUT. "
+        "Rerunning the same command skips the rows OUTPUT already has. Exit status: 0 all rows "
+        "done, 3 some rows failed (see their error field), 1 the job could not run.",
+    )
+    batch.add_argument("input")
+    batch.add_argument("output")
+    batch.add_argument(
+        "--task", required=True, choices=["sentiment", "classify", "summarize", "template"]
+    )
+    batch.add_argument("--labels", help="comma-separated labels (classify; sentiment's own)")
+    batch.add_argument("--template", help="the prompt, {field} from the row; @FILE reads a file")
+    batch.add_argument("--schema", help="template: a JSON schema file the answer must match")
+    batch.add_argument("--system", help="template: a system message")
+    batch.add_argument(
+        "--id-field", default="id", help="the row's id (default: id, else row number)"
+    )
+    batch.add_argument("--text-field", default="text", help="the text to work on (default: text)")
+    batch.add_argument("--format", choices=["jsonl", "csv", "docs"], help="default: from the name")
+    batch.add_argument("--target", help="a node's or the balancer's URL (default: in-process)")
+    batch.add_argument(
+        "--api-key", help="bearer key for --target (or $GGUF_APPLIANCE_BATCH_API_KEY)"
+    )
+    batch.add_argument("--model", default="default", help="model name sent to --target")
+    batch.add_argument("--model-source", default=None, help="in-process model (default: settings)")
+    batch.add_argument("--concurrency", type=int, help="calls at once (default: slots, or 8)")
+    batch.add_argument("--max-tokens", type=int, default=256, help="summary/answer length")
+    batch.add_argument("--temperature", type=float, default=0.0, help="template only")
+    batch.add_argument("--chunk-chars", type=int, default=3000, help="summarize: chunk size")
+    batch.add_argument("--retries", type=int, default=8, help="retries per call on 429/503/errors")
+    batch.add_argument("--endpoint-url", help="S3-compatible endpoint (OCI Object Storage's)")
+    batch.add_argument(
+        "--checkpoint-seconds", type=float, default=30.0, help="remote output upload interval"
+    )
+    batch.set_defaults(func=cmd_batch)
 
     settings = sub.add_parser("settings", help="print the effective settings")
     settings.add_argument("--markdown", action="store_true", help="the table of every setting")

@@ -13,12 +13,15 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import ApplianceError, Draining, InvalidRequest, NotReady, PromptTooLong
 from .jobs import DoneEvent, ErrorEvent, Event, GenerationParams, Job, TokenEvent
 from .llama import LlamaModel
 from .scheduler import EngineConfig, SlotScheduler
+
+if TYPE_CHECKING:
+    from .settings import Settings
 
 __all__ = [
     "DoneEvent",
@@ -29,9 +32,24 @@ __all__ = [
     "Generation",
     "GenerationParams",
     "TokenEvent",
+    "engine_config",
 ]
 
 log = logging.getLogger("gguf_appliance.engine")
+
+
+def engine_config(settings: Settings) -> EngineConfig:
+    return EngineConfig(
+        n_ctx=settings.n_ctx,
+        n_slots=settings.n_slots,
+        n_batch=settings.n_batch,
+        threads=settings.threads,
+        queue_size=settings.queue_size,
+        max_tokens_cap=settings.max_tokens_cap,
+        retry_after=settings.retry_after,
+        prefill_chunk=settings.prefill_chunk,
+        reuse_prefix=settings.reuse_prefix,
+    )
 
 
 class Generation:
@@ -158,6 +176,8 @@ class Engine:
                 f"{self.config.max_tokens_cap}",
                 param="max_tokens",
             )
+        if params.sampling.grammar is not None:
+            self._require_model().check_grammar(params.sampling.grammar)
         room = self.slot_context
         if len(prompt) >= room:
             raise PromptTooLong(

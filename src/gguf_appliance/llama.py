@@ -55,6 +55,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     repeat_last_n: int = 64
     seed: int | None = None
+    grammar: str | None = None  # GBNF; the answer must match its `root` rule
 
 
 class LlamaModel:
@@ -148,9 +149,24 @@ class LlamaModel:
 
     # --- decoding (the worker thread only) ---
 
+    def grammar_sampler(self, grammar: str) -> Any:
+        """A sampler that masks every token the grammar does not allow; None if it won't parse."""
+        sampler = C.llama_sampler_init_grammar(self.vocab, grammar.encode("utf-8"), b"root")
+        return sampler or None
+
+    def check_grammar(self, grammar: str) -> None:
+        sampler = self.grammar_sampler(grammar)
+        if sampler is None:
+            raise InvalidRequest("llama.cpp could not parse the grammar", param="grammar")
+        C.llama_sampler_free(sampler)
+
     def new_sampler(self, params: SamplingParams) -> Any:
         chain = C.llama_sampler_chain_init(C.llama_sampler_chain_default_params())
         add = C.llama_sampler_chain_add
+        if params.grammar is not None:
+            # First, so every later sampler sees only the tokens the grammar allows. Checked by
+            # the engine at submit time, so it parses here.
+            add(chain, self.grammar_sampler(params.grammar))
         if (params.repeat_penalty, params.frequency_penalty, params.presence_penalty) != (1, 0, 0):
             add(
                 chain,

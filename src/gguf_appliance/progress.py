@@ -1,4 +1,4 @@
-"""Download progress: a tqdm bar on a terminal, plain periodic log lines anywhere else."""
+"""Progress of downloads and batch jobs: a tqdm bar on a terminal, periodic log lines elsewhere."""
 
 from __future__ import annotations
 
@@ -18,6 +18,8 @@ class LogLineProgress(tqdm):  # type: ignore[type-arg]
     rate and time left, never carriage returns.
     """
 
+    logger: logging.Logger = log
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("mininterval", 10.0)
         kwargs["miniters"] = 1
@@ -27,10 +29,10 @@ class LogLineProgress(tqdm):  # type: ignore[type-arg]
 
     def display(self, msg: str | None = None, pos: int | None = None) -> None:
         if self.n:  # the empty first frame says nothing
-            log.info("%s", msg or self.format_meter(**self.format_dict))
+            self.logger.info("%s", msg or self.format_meter(**self.format_dict))
 
 
-def progress_class(interval: float) -> type[tqdm]:  # type: ignore[type-arg]
+def progress_class(interval: float, logger: logging.Logger = log) -> type[tqdm]:  # type: ignore[type-arg]
     """The tqdm class for this process: a bar on a terminal, log lines otherwise."""
     if sys.stderr.isatty():
         return tqdm
@@ -40,6 +42,7 @@ def progress_class(interval: float) -> type[tqdm]:  # type: ignore[type-arg]
             kwargs["mininterval"] = interval
             super().__init__(*args, **kwargs)
 
+    Periodic.logger = logger
     return Periodic
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any, Literal, TypeVar
 
+from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .engine import GenerationParams
@@ -33,6 +34,42 @@ class Message(BaseModel):
         return {"role": role, "content": content or ""}
 
 
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    name: str = Field("response", max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's `response_format`: plain text, any JSON object, or JSON matching a schema."""
+
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("type 'json_schema' needs a 'json_schema' object with a 'schema'")
+        return self
+
+    def grammar(self) -> str | None:
+        if self.type == "text":
+            return None
+        if self.type == "json_object":
+            return JSON_GBNF
+        assert self.json_schema is not None
+        try:
+            return str(json_schema_to_gbnf(json.dumps(self.json_schema.schema_)))
+        except Exception as exc:  # the converter raises whatever it meets on a schema it can't do
+            raise InvalidRequest(
+                f"this JSON schema cannot be turned into a grammar: {exc!r}",
+                param="response_format",
+            ) from None
+
+
 class Sampling(BaseModel):
     """Fields every generation request shares; None means the node's default."""
 
@@ -48,6 +85,23 @@ class Sampling(BaseModel):
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     stop: str | list[str] | None = Field(None, description="Up to 8 strings that end the answer.")
+    response_format: ResponseFormat | None = Field(
+        None, description="Constrain the answer to JSON, or to JSON matching a schema."
+    )
+    grammar: str | None = Field(
+        None, max_length=100_000, description="A GBNF grammar the answer must match (llama.cpp's)."
+    )
+
+    @model_validator(mode="after")
+    def _one_constraint(self) -> Sampling:
+        formatted = self.response_format is not None and self.response_format.type != "text"
+        if formatted and self.grammar is not None:
+            raise ValueError("send at most one of 'grammar' and 'response_format'")
+        return self
+
+    def _grammar(self) -> str | None:
+        fmt = self.response_format
+        return self.grammar if fmt is None or fmt.type == "text" else fmt.grammar()
 
     @field_validator("stop")
     @classmethod
@@ -72,6 +126,7 @@ class Sampling(BaseModel):
                 presence_penalty=self.presence_penalty,
                 frequency_penalty=self.frequency_penalty,
                 seed=self.seed,
+                grammar=self._grammar(),
             ),
             stop=tuple(s for s in stop if s),
         )

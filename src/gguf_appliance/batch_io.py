@@ -1,0 +1,291 @@
+"""Where batch jobs read rows and write results: local files or object storage, via fsspec.
+
+Input is JSONL, CSV (either maybe compressed: fsspec infers gzip, bz2, xz, zstd from the name)
+or a directory of text documents. A row that cannot be read becomes a `Row` with an error, so the
+job reports it in its own output line and goes on.
+
+Output is JSONL, one line per row, appended as rows finish. A local file is appended to and
+flushed line by line, so a killed job loses only the rows in flight; a remote file (s3://,
+oci://, gs://) is written through a local spool that is uploaded every `checkpoint_seconds` and
+at the end. Rerunning a job reads the output (and the spool) back and skips the rows there.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+from .errors import ApplianceError
+
+FORMATS = ("jsonl", "csv", "docs")
+_COMPRESSION_SUFFIXES = (".gz", ".bz2", ".xz", ".zst")
+_DOC_SUFFIXES = (".txt", ".md", ".text", ".rst")
+
+
+class BatchInputError(ApplianceError):
+    code = "batch_input"
+
+
+@dataclass
+class Row:
+    id: Any  # a JSON value: the row's id field, else its number in the input (1-based)
+    fields: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+
+    @property
+    def key(self) -> str:
+        return row_key(self.id)
+
+
+def row_key(row_id: Any) -> str:
+    # 5 and "5" are different ids; JSON keeps them apart.
+    return json.dumps(row_id, sort_keys=True)
+
+
+def storage_options(url: str, endpoint_url: str | None) -> dict[str, Any]:
+    """fsspec options for `url`: the S3-compatible endpoint (OCI Object Storage's) if given."""
+    if endpoint_url and url.startswith(("s3://", "s3a://")):
+        return {"client_kwargs": {"endpoint_url": endpoint_url}}
+    return {}
+
+
+def _open_fs(url: str, options: dict[str, Any]) -> tuple[fsspec.AbstractFileSystem, str]:
+    try:
+        return fsspec.core.url_to_fs(url, **options)  # type: ignore[no-any-return]
+    except ImportError as exc:
+        extra = {"s3": "s3", "oci": "oci", "gs": "gcs", "gcs": "gcs"}.get(url.split("://")[0])
+        hint = f" (pip install 'gguf-appliance[{extra}]')" if extra else ""
+        raise BatchInputError(f"cannot open {url}: {exc}{hint}") from None
+
+
+def _base_name(path: str) -> str:
+    name = path.rsplit("/", 1)[-1].lower()
+    for suffix in _COMPRESSION_SUFFIXES:
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def detect_format(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    if fs.isdir(path):
+        return "docs"
+    name = _base_name(path)
+    if name.endswith((".jsonl", ".ndjson", ".json")):
+        return "jsonl"
+    if name.endswith((".csv", ".tsv")):
+        return "csv"
+    raise BatchInputError(
+        f"cannot tell the format of {path}: name it .jsonl or .csv, or pass --format"
+    )
+
+
+def read_rows(
+    url: str,
+    *,
+    fmt: str | None = None,
+    id_field: str = "id",
+    options: dict[str, Any] | None = None,
+) -> Iterator[Row]:
+    fs, path = _open_fs(url, options or {})
+    if not fs.exists(path):
+        raise BatchInputError(f"no such input: {url}")
+    fmt = fmt or detect_format(fs, path)
+    if fmt == "docs":
+        yield from _read_docs(fs, path)
+        return
+    with fs.open(path, "rb", compression="infer") as raw:
+        text = io.TextIOWrapper(raw, encoding="utf-8", errors="strict", newline="")
+        if fmt == "jsonl":
+            yield from _read_jsonl(text, id_field)
+        else:
+            dialect = "excel-tab" if _base_name(path).endswith(".tsv") else "excel"
+            yield from _read_csv(text, id_field, dialect)
+
+
+def _with_id(number: int, fields: dict[str, Any], id_field: str) -> Row:
+    row_id = fields.get(id_field)
+    if row_id is None or isinstance(row_id, (dict, list)):
+        row_id = number
+    return Row(id=row_id, fields=fields)
+
+
+def _read_jsonl(text: IO[str], id_field: str) -> Iterator[Row]:
+    number = 0
+    while True:
+        try:
+            line = text.readline()
+        except UnicodeDecodeError as exc:
+            number += 1
+            yield Row(id=number, error=f"line {number} is not UTF-8: {exc.reason}")
+            return  # the decoder cannot resynchronise; stop here rather than guess
+        if not line:
+            return
+        number += 1
+        if not line.strip():
+            continue
+        try:
+            data = json.loads(line)
+        except json.JSONDecodeError as exc:
+            yield Row(id=number, error=f"line {number} is not valid JSON: {exc.msg}")
+            continue
+        if not isinstance(data, dict):
+            yield Row(id=number, error=f"line {number} is not a JSON object")
+            continue
+        yield _with_id(number, data, id_field)
+
+
+def _read_csv(text: IO[str], id_field: str, dialect: str) -> Iterator[Row]:
+    reader = csv.reader(text, dialect=dialect)
+    try:
+        header = next(reader)
+    except StopIteration:
+        return
+    except (csv.Error, UnicodeDecodeError) as exc:
+        raise BatchInputError(f"cannot read the CSV header: {exc}") from None
+    number = 0
+    while True:
+        try:
+            values = next(reader)
+        except StopIteration:
+            return
+        except (csv.Error, UnicodeDecodeError) as exc:
+            number += 1
+            yield Row(id=number, error=f"row {number} cannot be read: {exc}")
+            if isinstance(exc, UnicodeDecodeError):
+                return
+            continue
+        number += 1
+        if not values:
+            continue
+        if len(values) != len(header):
+            yield Row(
+                id=number,
+                error=f"row {number} has {len(values)} fields; the header has {len(header)}",
+            )
+            continue
+        yield _with_id(number, dict(zip(header, values, strict=True)), id_field)
+
+
+def _read_docs(fs: fsspec.AbstractFileSystem, path: str) -> Iterator[Row]:
+    root = path.rstrip("/")
+    names = sorted(
+        name
+        for name in fs.find(root)
+        if _base_name(name).endswith(_DOC_SUFFIXES) and not name.rsplit("/", 1)[-1].startswith(".")
+    )
+    for name in names:
+        relative = name[len(root) :].lstrip("/")
+        try:
+            with fs.open(name, "rb", compression="infer") as f:
+                text = f.read().decode("utf-8")
+        except UnicodeDecodeError as exc:
+            yield Row(id=relative, error=f"{relative} is not UTF-8: {exc.reason}")
+            continue
+        yield Row(id=relative, fields={"text": text, "path": relative})
+
+
+class ResultWriter:
+    """The job's output: what is already there (to resume) and an append-only line writer."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        options: dict[str, Any] | None = None,
+        spool_dir: Path | None = None,
+        checkpoint_seconds: float = 30.0,
+    ) -> None:
+        self.url = url
+        self.fs, self.path = _open_fs(url, options or {})
+        self.remote = not isinstance(self.fs, LocalFileSystem)
+        self.checkpoint_seconds = checkpoint_seconds
+        self.done: set[str] = set()
+        if self.remote:
+            spool_dir = spool_dir or default_spool_dir()
+            spool_dir.mkdir(parents=True, exist_ok=True)
+            digest = hashlib.sha256(url.encode()).hexdigest()[:16]
+            self.local = spool_dir / f"{digest}.jsonl"
+        else:
+            self.local = Path(self.path)
+            self.local.parent.mkdir(parents=True, exist_ok=True)
+        self._lines = self._recover()
+        self._file = self.local.open("a", encoding="utf-8")
+        self._last_upload = time.monotonic()
+        self._dirty = False
+
+    def _recover(self) -> int:
+        """Collect the ids already written; drop a line cut short by a crash."""
+        lines: list[str] = []
+        if self.remote and self.fs.exists(self.path):
+            with self.fs.open(self.path, "r", encoding="utf-8") as f:
+                lines.extend(_whole_lines(f.read()))
+        if self.local.exists():
+            lines.extend(_whole_lines(self.local.read_text(encoding="utf-8")))
+        kept: list[str] = []
+        for line in lines:
+            try:
+                key = row_key(json.loads(line)["id"])
+            except (json.JSONDecodeError, KeyError, TypeError):
+                continue  # not one of ours: leave it out rather than fail the rerun
+            if key not in self.done:
+                self.done.add(key)
+                kept.append(line)
+        if self.remote or _needs_rewrite(self.local, kept):
+            tmp = self.local.with_name(self.local.name + ".tmp")
+            tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+            os.replace(tmp, self.local)
+        return len(kept)
+
+    def write(self, record: dict[str, Any]) -> None:
+        key = row_key(record["id"])
+        if key in self.done:
+            raise RuntimeError(f"row {record['id']!r} written twice")  # a bug, not bad input
+        self.done.add(key)
+        self._file.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self._file.flush()  # in the kernel's hands: a killed job keeps the line
+        self._lines += 1
+        self._dirty = True
+        if self.remote and time.monotonic() - self._last_upload >= self.checkpoint_seconds:
+            self.upload()
+
+    def upload(self) -> None:
+        if not self.remote:
+            return
+        os.fsync(self._file.fileno())
+        self.fs.put_file(str(self.local), self.path)
+        self._last_upload = time.monotonic()
+        self._dirty = False
+
+    def close(self) -> None:
+        if self._dirty or (self.remote and not self.fs.exists(self.path)):
+            self.upload()
+        os.fsync(self._file.fileno())
+        self._file.close()
+
+
+def _whole_lines(text: str) -> list[str]:
+    lines = text.split("\n")
+    return [line for line in lines[:-1] if line.strip()]  # the last piece has no newline
+
+
+def _needs_rewrite(path: Path, kept: list[str]) -> bool:
+    if not path.exists():
+        return False
+    data = path.read_bytes()
+    return bool(data) and (not data.endswith(b"\n") or data.count(b"\n") != len(kept))
+
+
+def default_spool_dir() -> Path:
+    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(cache) / "gguf-appliance" / "batch"
