@@ -3,7 +3,8 @@
     make pool        # or: .venv/bin/python deploy/local_pool.py [--listen 127.0.0.1:8080]
 
 NGINX, with deploy/local-pool.conf, stands in for the load balancer. The nodes listen on
-127.0.0.11-13:8000 and share the cores (GGUF_APPLIANCE_THREADS: the cores / 3, unless set).
+127.0.0.11-13:8000 and share the CPUs (GGUF_APPLIANCE_THREADS: a third of them each, unless
+set).
 Open the printed address for the chat page; `kill -9` or `kill -TERM` a node's pid (printed too)
 while answers stream to watch the pool carry on. Ctrl-C stops everything: the nodes drain first.
 tests/test_pool.py drives the same classes.
