@@ -32,6 +32,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO / "deploy"), str(REPO / "tests")]
 
 from local_pool import CONFIG, NGINX, Node  # noqa: E402
+
 from reviews import make_reviews  # noqa: E402
 
 
