@@ -7,13 +7,14 @@ PORT ?= 8000
 # llama-cpp-python compiles from source; build on every core (pip caches the wheel after).
 export CMAKE_BUILD_PARALLEL_LEVEL ?= $(shell nproc)
 
-.PHONY: help install system-deps run test boot-test lint format clean readme bench checkov pool
+.PHONY: help install system-deps run test boot-test lint format clean readme bench checkov pool soak
 
 help:
 	@echo "make run    serve the chat page and API on http://$(HOST):$(PORT)/ (bundled model)"
 	@echo "make pool   three nodes behind NGINX on http://$(POOL_LISTEN)/ (Ctrl-C stops them)"
 	@echo "make test   install what the tests need and run them"
 	@echo "make lint   ruff and mypy"
+	@echo "make soak   five minutes of mixed clients: nothing may fail or leak"
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -92,6 +93,13 @@ $(BASELINE)/bin/python:
 bench: install $(BASELINE)/bin/python
 	$(BIN)/python benchmarks/single_stream.py
 	$(BIN)/python benchmarks/concurrency.py --baseline-python $(BASELINE)/bin/python
+
+# Five minutes of mixed clients against one node; the checks and figures are in the README.
+# (The test suite runs a 40-second variant: tests/test_soak.py.)
+SOAK_SECONDS ?= 300
+soak: install
+	mkdir -p benchmarks/results
+	$(BIN)/python benchmarks/soak.py --duration $(SOAK_SECONDS) --json benchmarks/results/soak.json
 
 clean:
 	rm -rf $(VENV) $(BASELINE) $(CHECKOV_VENV) build dist .mypy_cache .ruff_cache .pytest_cache

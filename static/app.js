@@ -1,6 +1,8 @@
 // The chat page over POST /generate. The whole conversation goes to the server as messages; the
 // answer streams back as server-sent events (token, then done or error). Model output is
 // untrusted: it is only ever set as text (textContent / text nodes), never parsed as HTML.
+import { serverEvents } from "./sse.js";
+
 const $ = (id) => document.getElementById(id);
 const log = $("log");
 const form = $("ask");
@@ -10,10 +12,16 @@ const stopButton = $("stop");
 const statusLine = $("status");
 const settingsForm = $("settings");
 const settingsToggle = $("settings-toggle");
-const fields = { system: $("system-prompt"), temperature: $("temperature"), maxTokens: $("max-tokens") };
+const fields = {
+  system: $("system-prompt"),
+  temperature: $("temperature"),
+  maxTokens: $("max-tokens"),
+  apiKey: $("api-key"),
+};
 const SETTINGS_KEY = "gguf-appliance.settings";
 let history = [];
 let controller = null;
+let keyProblem = null; // what is wrong with the API key, while the node refuses it
 
 // --- settings, remembered in this browser ---
 
@@ -23,6 +31,7 @@ function loadSettings() {
     if (typeof saved.system === "string") fields.system.value = saved.system;
     if (Number.isFinite(saved.temperature)) fields.temperature.value = saved.temperature;
     if (Number.isInteger(saved.maxTokens)) fields.maxTokens.value = saved.maxTokens;
+    if (typeof saved.apiKey === "string") fields.apiKey.value = saved.apiKey;
   } catch { /* a broken entry: keep the defaults */ }
   $("temperature-value").textContent = fields.temperature.value;
 }
@@ -33,21 +42,56 @@ function saveSettings() {
     system: fields.system.value,
     temperature: Number(fields.temperature.value),
     maxTokens: Math.trunc(Number(fields.maxTokens.value)),
+    apiKey: fields.apiKey.value.trim(),
   }));
+}
+
+// The API key, when one is set, goes with every request (the node may protect /health too).
+function authHeaders() {
+  const key = fields.apiKey.value.trim();
+  return key ? { Authorization: `Bearer ${key}` } : {};
+}
+
+// Open the settings at the key field: the node has asked for a key.
+function askForKey() {
+  settingsForm.hidden = false;
+  settingsToggle.setAttribute("aria-expanded", "true");
+  fields.apiKey.focus();
 }
 
 // --- the node's state ---
 
 async function refreshStatus() {
   try {
-    const response = await fetch("health/ready", { cache: "no-store" });
+    const response = await fetch("health/ready", { cache: "no-store", headers: authHeaders() });
     const body = await response.json();
-    statusLine.textContent = response.ok ? `Ready · ${body.model}` : `Not ready: ${body.reason}`;
-    statusLine.classList.toggle("bad", !response.ok);
+    if (keyProblem || response.status === 401) {
+      statusLine.textContent = keyProblem ?? describeKeyProblem();
+    } else {
+      statusLine.textContent = response.ok ? `Ready · ${body.model}` : `Not ready: ${body.reason}`;
+    }
+    statusLine.classList.toggle("bad", Boolean(keyProblem) || !response.ok);
   } catch {
     statusLine.textContent = "The node cannot be reached.";
     statusLine.classList.add("bad");
   }
+}
+
+function describeKeyProblem() {
+  return fields.apiKey.value.trim()
+    ? "The API key was refused: check it under Settings."
+    : "This node needs an API key: enter it under Settings.";
+}
+
+// Ask for a key as soon as the node wants one, not only after a message fails. (Focus moves to
+// the key field only when asked: never while someone types elsewhere.)
+async function checkKey({ focus = false } = {}) {
+  try {
+    const response = await fetch("v1/models", { cache: "no-store", headers: authHeaders() });
+    keyProblem = response.status === 401 ? describeKeyProblem() : null;
+    if (keyProblem && focus) askForKey();
+  } catch { /* refreshStatus says the node cannot be reached */ }
+  await refreshStatus();
 }
 
 // --- the conversation ---
@@ -69,29 +113,6 @@ function addStats(item, text) {
   item.append(stats);
 }
 
-// Parse an SSE byte stream into {event, data} records.
-async function* serverEvents(response) {
-  const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
-  let buffer = "";
-  for (;;) {
-    const { value, done } = await reader.read();
-    if (done) return;
-    buffer += value.replace(/\r\n?/g, "\n");
-    let end;
-    while ((end = buffer.indexOf("\n\n")) >= 0) {
-      const block = buffer.slice(0, end);
-      buffer = buffer.slice(end + 2);
-      let event = "message";
-      const data = [];
-      for (const line of block.split("\n")) {
-        if (line.startsWith("event:")) event = line.slice(6).trim();
-        else if (line.startsWith("data:")) data.push(line.slice(5).replace(/^ /, ""));
-      }
-      if (data.length) yield { event, data: JSON.parse(data.join("\n")) };
-    }
-  }
-}
-
 function describeFailure(status, body, retryAfter) {
   const message = body?.error?.message ?? `HTTP ${status}`;
   if (status === 503) {
@@ -99,7 +120,7 @@ function describeFailure(status, body, retryAfter) {
     return `The node is busy right now (${message}).${wait}`;
   }
   if (status === 429) return `Too many requests from you: wait ${retryAfter ?? "a few"} s and try again.`;
-  if (status === 401) return "This node needs an API key.";
+  if (status === 401) return `${describeKeyProblem()} Then send again.`;
   if (status === 400 || status === 413) return `The request was refused: ${message}`;
   return `The node answered HTTP ${status}: ${message}`;
 }
@@ -126,10 +147,11 @@ async function ask(text) {
   sendButton.disabled = true;
   stopButton.disabled = false;
   let failed = false;
+  let keyRefused = false;
   try {
     const response = await fetch("generate", {
       method: "POST",
-      headers: { "Content-Type": "application/json" },
+      headers: { "Content-Type": "application/json", ...authHeaders() },
       body: JSON.stringify({
         messages: requestMessages(),
         temperature: Number(fields.temperature.value),
@@ -138,10 +160,17 @@ async function ask(text) {
       signal: controller.signal,
     });
     if (!response.ok) {
+      if (response.status === 401) {
+        keyRefused = true;
+        askForKey();
+        checkKey();
+      }
       const failure = await response.json().catch(() => null);
       throw new Error(describeFailure(response.status, failure, response.headers.get("Retry-After")));
     }
-    for await (const { event, data } of serverEvents(response)) {
+    for await (const record of serverEvents(response)) {
+      const event = record.event;
+      const data = JSON.parse(record.data);
       if (event === "token") body.appendData(data.text);
       else if (event === "error") throw new Error(`The answer broke off: ${data.message}`);
       else if (event === "done") addStats(answer, describeDone(data));
@@ -162,7 +191,7 @@ async function ask(text) {
     controller = null;
     sendButton.disabled = false;
     stopButton.disabled = true;
-    prompt.focus();
+    (keyRefused ? fields.apiKey : prompt).focus();
   }
 }
 
@@ -192,6 +221,7 @@ settingsToggle.addEventListener("click", () => {
 });
 settingsForm.addEventListener("input", saveSettings);
 settingsForm.addEventListener("submit", (event) => event.preventDefault());
+fields.apiKey.addEventListener("change", () => checkKey());
 loadSettings();
-refreshStatus();
+checkKey({ focus: true });
 setInterval(refreshStatus, 10000);

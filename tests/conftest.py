@@ -54,16 +54,22 @@ class RunningServer:
     def wait_live(self, timeout: float = 60) -> None:
         self._wait(lambda r: r.status_code == 200, "/health/live", timeout)
 
-    def wait_ready(self, timeout: float = 60) -> None:
-        self._wait(lambda r: r.status_code == 200, "/health/ready", timeout)
+    def wait_ready(self, timeout: float = 60, headers: dict[str, str] | None = None) -> None:
+        self._wait(lambda r: r.status_code == 200, "/health/ready", timeout, headers)
 
-    def _wait(self, ok: Callable[[httpx.Response], bool], path: str, timeout: float) -> None:
+    def _wait(
+        self,
+        ok: Callable[[httpx.Response], bool],
+        path: str,
+        timeout: float,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"server exited with {self.process.returncode}: {self.log()}")
             try:
-                if ok(httpx.get(self.url(path), timeout=2)):
+                if ok(httpx.get(self.url(path), timeout=2, headers=headers)):
                     return
             except httpx.TransportError:
                 pass

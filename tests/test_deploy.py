@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.metadata
 import re
 import shutil
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,7 @@ import pytest
 from packaging.requirements import Requirement
 
 from gguf_appliance.install import UNITS, InstallPlan, install, rendered_files
+from gguf_appliance.keys import read_key_file
 from gguf_appliance.resources import static_dir
 
 from .nginx_runner import check_config, render_site
@@ -143,3 +145,43 @@ def test_install_through_the_cli(tmp_path: Path) -> None:
     site = (tmp_path / "etc/nginx/sites-available/gguf-appliance").read_text()
     assert "set_real_ip_from 10.1.0.0/24;" in site
     assert shutil.which("systemd-analyze")
+
+
+def test_install_writes_the_key_file_once_for_root_only(tmp_path: Path) -> None:
+    plan = InstallPlan(bin_dir=BIN, static_dir=static_dir(), root=tmp_path)
+    install(plan)
+    key_file = tmp_path / "etc/gguf-appliance/api-keys"
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+    assert stat.S_IMODE((tmp_path / "etc/gguf-appliance/appliance.env").stat().st_mode) == 0o600
+    assert read_key_file(key_file) == []  # comments only: the API stays open
+    key_file.write_text("k" * 32 + "\n")
+    assert install(plan) == []
+    assert read_key_file(key_file) == ["k" * 32]
+
+
+def test_the_unit_stages_the_key_file_for_the_service_at_start_and_reload(tmp_path: Path) -> None:
+    unit = rendered_units(tmp_path)["gguf-appliance.service"].read_text()
+    stage = re.search(r"^ExecStartPre=\+/bin/sh -c '(.*)'$", unit, re.M)
+    assert stage
+    reloads = re.findall(r"^ExecReload=(.*)$", unit, re.M)
+    assert reloads == [f"+/bin/sh -c '{stage[1]}'", "/bin/kill -HUP $MAINPID"]
+    assert "Environment=GGUF_APPLIANCE_API_KEY_FILE=/run/gguf-appliance/api-keys" in unit
+    assert "RuntimeDirectory=gguf-appliance" in unit
+    # Run the shipped command with its two paths moved under tmp_path.
+    source = tmp_path / "etc/api-keys"
+    runtime = tmp_path / "run/gguf-appliance"
+    runtime.mkdir(parents=True)
+    command = stage[1].replace("/etc/gguf-appliance/api-keys", str(source))
+    command = command.replace("/run/gguf-appliance", str(runtime))
+    staged = runtime / "api-keys"
+
+    subprocess.run(["/bin/sh", "-c", command], check=True)  # no key file yet: no keys
+    assert staged.read_text() == ""
+    source.parent.mkdir()
+    source.write_text("# team\n" + "a" * 20 + "\n")
+    source.chmod(0o600)
+    subprocess.run(["/bin/sh", "-c", command], check=True)
+    assert read_key_file(staged) == ["a" * 20]
+    assert stat.S_IMODE(staged.stat().st_mode) == 0o400
+    assert staged.stat().st_uid == runtime.stat().st_uid  # the service user's
+    assert [p.name for p in runtime.iterdir()] == ["api-keys"]  # no half-written file left

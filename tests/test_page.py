@@ -5,15 +5,22 @@ Screenshots go to test-artifacts/ (not committed).
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 from playwright.sync_api import Browser, Page, Route, expect, sync_playwright
+from sse_starlette import ServerSentEvent
+
+from gguf_appliance.generate import event_json
 
 from .conftest import RunningServer, slot_held
+from .sse import cut_at
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
 CHROMIUM_ARGS = [
@@ -204,3 +211,76 @@ def test_page_works_behind_nginx(page: Page, server: RunningServer, tmp_path: Pa
         )
     finally:
         nginx.stop()
+
+
+def test_the_page_asks_for_the_key_a_node_wants_and_remembers_it(
+    page: Page, start_server: Any
+) -> None:
+    key = "page-key-" + "p" * 16
+    node = start_server(api_keys=key)
+    page.goto(node.base_url + "/")
+    # Asked at once: the settings open at the key field, and the status line says why.
+    expect(page.locator("#status")).to_contain_text("This node needs an API key")
+    expect(page.locator("#settings")).to_be_visible()
+    expect(page.locator("#api-key")).to_be_focused()
+    send(page, "hello")
+    expect(page.locator("#log li.error").first).to_contain_text("needs an API key")
+    expect(page.locator("#api-key")).to_be_focused()
+
+    page.fill("#api-key", "wrong-key-" + "w" * 16)
+    page.locator("#api-key").dispatch_event("change")
+    expect(page.locator("#status")).to_contain_text("The API key was refused")
+    send(page, "hello")
+    expect(page.locator("#log li.error").nth(1)).to_contain_text("The API key was refused")
+
+    page.fill("#api-key", key)
+    page.locator("#api-key").dispatch_event("change")
+    expect(page.locator("#status")).to_contain_text("Ready · SmolLM2-135M-Instruct.Q4_1")
+    page.fill("#max-tokens", "16")
+    send(page, "Say hello.")
+    expect(page.locator("#log li.assistant .stats").first).to_contain_text(
+        "tokens · first token", timeout=30_000
+    )
+    page.reload()  # remembered in this browser, like the other settings
+    assert page.input_value("#api-key") == key
+    expect(page.locator("#status")).to_contain_text("Ready")
+    expect(page.locator("#settings")).to_be_hidden()
+    shot(page, "api-key")
+
+
+def test_the_page_reads_events_however_the_network_cuts_the_stream(
+    page: Page, server: RunningServer
+) -> None:
+    page.goto(server.base_url + "/")
+
+    @settings(max_examples=60, deadline=None)
+    @given(
+        texts=st.lists(st.text(max_size=20), min_size=1, max_size=5),
+        cuts=st.lists(st.integers(min_value=0, max_value=2000), max_size=10),
+    )
+    @example(texts=["日本", "🙂", "a\r\nb"], cuts=[2, 13, 14, 27])
+    def reads_every_event(texts: list[str], cuts: list[int]) -> None:
+        frames = b"".join(
+            ServerSentEvent(event_json({"text": t}), event="token").encode() for t in texts
+        )
+        frames += b": ping\r\n\r\n"
+        # Cut anywhere, also inside a CRLF or a character's bytes, as TCP and proxies may.
+        chunks = [list(piece) for piece in cut_at(frames, cuts)]
+        events = page.evaluate(
+            """async (chunks) => {
+                const { serverEvents } = await import("./sse.js");
+                const body = new ReadableStream({ start(controller) {
+                    for (const chunk of chunks) controller.enqueue(new Uint8Array(chunk));
+                    controller.close();
+                } });
+                const events = [];
+                for await (const e of serverEvents(new Response(body))) {
+                    events.push([e.event, e.data]);
+                }
+                return events;
+            }""",
+            chunks,
+        )
+        assert [(e, json.loads(d)) for e, d in events] == [("token", {"text": t}) for t in texts]
+
+    reads_every_event()

@@ -4,126 +4,57 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import logging
+import signal
+import threading
 import time
-import uuid
 from collections.abc import AsyncIterator
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Mount, Route
+from starlette.routing import Route
 from starlette.staticfiles import StaticFiles
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import openai_api
+from .access import RequestMiddleware, error_response
 from .engine import Engine, EngineConfig
-from .errors import ApplianceError, ModelError, Unauthorized, Unavailable
+from .errors import ApplianceError, ModelError
 from .generate import generate
+from .keys import ApiKeys
 from .metrics import Metrics
+from .openapi import openapi_document
 from .resources import static_dir
 from .settings import Settings
 from .sources import fetch_model, resolve_source
 from .systemd import SystemdNotifier
 
 log = logging.getLogger("gguf_appliance.app")
-access_log = logging.getLogger("gguf_appliance.access")
-
-ROUTES = {
-    "/generate",
-    "/v1/chat/completions",
-    "/v1/completions",
-    "/v1/models",
-    "/health/live",
-    "/health/ready",
-    "/metrics",
-    "/",
-}
-PROTECTED = ("/generate", "/v1/")
-
-
-def error_response(error: ApplianceError) -> JSONResponse:
-    headers = {}
-    if isinstance(error, Unavailable) and error.retry_after is not None:
-        headers["Retry-After"] = str(error.retry_after)
-    return JSONResponse(
-        openai_api.openai_error_body(error), status_code=error.status_code, headers=headers
-    )
 
 
 async def _appliance_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, ApplianceError)
+    request.state.error = exc.code  # for the request's log line
     return error_response(exc)
 
 
-class RequestMiddleware:
-    """Per request: an id (X-Request-ID kept or made), the API key check, metrics, a log line."""
-
-    def __init__(self, app: ASGIApp, settings: Settings, metrics: Metrics) -> None:
-        self.app = app
-        self.keys = [k.encode() for k in settings.api_keys]
-        self.metrics = metrics
-
-    def _authorized(self, scope: Scope) -> bool:
-        if not self.keys or not scope["path"].startswith(PROTECTED):
-            return True
-        header = dict(scope["headers"]).get(b"authorization", b"")
-        scheme, _, token = header.partition(b" ")
-        if scheme.lower() != b"bearer":
-            return False
-        # Compare against every key so the time taken does not tell which one was close.
-        matches = [hmac.compare_digest(token.strip(), key) for key in self.keys]
-        return any(matches)
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        started = time.perf_counter()
-        headers = dict(scope["headers"])
-        request_id = headers.get(b"x-request-id", b"")[:128].decode("latin-1") or uuid.uuid4().hex
-        status = 500
-
-        async def send_wrapper(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-                message.setdefault("headers", [])
-                message["headers"] = [
-                    *message["headers"],
-                    (b"x-request-id", request_id.encode("latin-1")),
-                ]
-            await send(message)
-
-        try:
-            if self._authorized(scope):
-                await self.app(scope, receive, send_wrapper)
-            else:
-                error = Unauthorized("a valid API key is required: Authorization: Bearer KEY")
-                await error_response(error)(scope, receive, send_wrapper)
-        finally:
-            path = scope["path"]
-            route = path if path in ROUTES else "other"
-            elapsed = time.perf_counter() - started
-            self.metrics.requests.labels(route, str(status)).inc()
-            self.metrics.request_seconds.labels(route).observe(elapsed)
-            access_log.info(
-                "%s %s %d %.3fs",
-                scope["method"],
-                path,
-                status,
-                elapsed,
-                extra={
-                    "request_id": request_id,
-                    "route": route,
-                    "status": status,
-                    "latency": round(elapsed, 4),
-                },
-            )
+async def _http_error(request: Request, exc: Exception) -> Response:
+    # 404 and 405 in the API's error shape too, so a client has one format to read.
+    assert isinstance(exc, HTTPException)
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+    body = {
+        "error": {
+            "message": exc.detail,
+            "type": "invalid_request_error",
+            "param": None,
+            "code": code,
+        }
+    }
+    return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
 
 
 async def live(request: Request) -> Response:
@@ -143,6 +74,12 @@ async def ready(request: Request) -> Response:
     return JSONResponse({"status": status, "reason": reason}, status_code=503)
 
 
+async def openapi(request: Request) -> Response:
+    # Built per request: a SIGHUP may have turned the keys on or off.
+    keys: ApiKeys = request.app.state.api_keys
+    return JSONResponse(openapi_document(request.app.state.settings, keys.required))
+
+
 async def metrics(request: Request) -> Response:
     registry = request.app.state.metrics.registry
     return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
@@ -159,7 +96,11 @@ def _model_id(settings: Settings) -> str:
 
 
 def create_app(settings: Settings) -> Starlette:
-    """The node's ASGI app. The model loads in the background; /health/ready says when."""
+    """The node's ASGI app. The model loads in the background; /health/ready says when.
+
+    Raises KeyFileError if the API key file cannot be read.
+    """
+    api_keys = ApiKeys(settings.api_keys, settings.api_key_file)
     engine = Engine(
         EngineConfig(
             n_ctx=settings.n_ctx,
@@ -201,9 +142,16 @@ def create_app(settings: Settings) -> Starlette:
         notifier.notify("STATUS=loading the model")
         loading = asyncio.create_task(load_model())
         watchdog = asyncio.create_task(notifier.watchdog(engine.healthy))
+        loop = asyncio.get_running_loop()
+        # SIGHUP (`systemctl reload`) re-reads the key file. Signals reach only the main thread.
+        hangup = threading.current_thread() is threading.main_thread()
+        if hangup:
+            loop.add_signal_handler(signal.SIGHUP, api_keys.reload)
         try:
             yield
         finally:
+            if hangup:
+                loop.remove_signal_handler(signal.SIGHUP)
             notifier.notify("STOPPING=1")
             engine.draining = True
             for task in (loading, watchdog):
@@ -220,7 +168,7 @@ def create_app(settings: Settings) -> Starlette:
         Route("/health/live", live, methods=["GET"]),
         Route("/health/ready", ready, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
-        Mount("/", StaticFiles(directory=static_dir(), html=True), name="static"),
+        Route("/openapi.json", openapi, methods=["GET"]),
     ]
     # CORS outermost: a browser's preflight carries no key and must not meet the key check.
     middleware = []
@@ -231,18 +179,26 @@ def create_app(settings: Settings) -> Starlette:
                 allow_origins=settings.cors_origins,
                 allow_methods=["GET", "POST"],
                 allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
+                expose_headers=["Retry-After", "X-Request-ID"],
             )
         )
-    middleware.append(Middleware(RequestMiddleware, settings=settings, metrics=app_metrics))
+    middleware.append(
+        Middleware(RequestMiddleware, settings=settings, metrics=app_metrics, keys=api_keys)
+    )
     app = Starlette(
         routes=routes,
         middleware=middleware,
-        exception_handlers={ApplianceError: _appliance_error},
+        exception_handlers={ApplianceError: _appliance_error, HTTPException: _http_error},
         lifespan=lifespan,
     )
+    # The page's files answer whatever no route matches. Not a Mount("/"): that would take
+    # requests with a route's path but another method (OPTIONS /generate) and answer them
+    # as files, with a 405 that names the wrong methods.
+    app.router.default = StaticFiles(directory=static_dir(), html=True)
     app.state.settings = settings
     app.state.engine = engine
     app.state.metrics = app_metrics
+    app.state.api_keys = api_keys
     app.state.model_id = _model_id(settings)
     app.state.started_at = time.time()
     return app

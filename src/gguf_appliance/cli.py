@@ -12,6 +12,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from .errors import ModelError
+from .keys import KeyFileError
 from .logs import configure_logging
 from .settings import ENV_PREFIX, Settings, load_settings
 
@@ -245,7 +246,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         where = ".".join(map(str, first["loc"]))
         print(f"gguf-appliance: invalid setting {where}: {first['msg']}", file=sys.stderr)
         return 2
-    except FileNotFoundError as exc:
+    except (FileNotFoundError, KeyFileError) as exc:
         print(f"gguf-appliance: {exc}", file=sys.stderr)
         return 2
     except PermissionError as exc:

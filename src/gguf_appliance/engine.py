@@ -8,6 +8,7 @@ the client goes away. The engine knows nothing of HTTP.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import time
@@ -53,21 +54,42 @@ def engine_config(settings: Settings) -> EngineConfig:
 
 
 class Generation:
-    """A submitted request: iterate its events; cancel it when the client goes away."""
+    """A submitted request: iterate its events; cancel it when the client goes away.
+
+    It remembers what passed (the text, the final event) for the request's log line.
+    """
 
     def __init__(self, scheduler: SlotScheduler, job: Job) -> None:
         self._scheduler = scheduler
         self._job = job
+        self.text: list[str] = []
+        self.outcome: DoneEvent | ErrorEvent | None = None
 
     async def events(self) -> AsyncIterator[Event]:
-        while True:
+        while self.outcome is None:
             event = await self._job.events.get()
+            if isinstance(event, TokenEvent):
+                self.text.append(event.text)
+            else:
+                self.outcome = event
             yield event
-            if not isinstance(event, TokenEvent):
-                return
 
     def cancel(self) -> None:
         self._scheduler.cancel(self._job)
+
+    async def settle(self, timeout: float) -> DoneEvent | ErrorEvent | None:
+        """The final event; if the consumer left early (a disconnect), wait for it a while.
+
+        Every job ends with a done or error event, a cancelled one within a decode step.
+        """
+        if self.outcome is None:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._drain(), timeout)
+        return self.outcome
+
+    async def _drain(self) -> None:
+        async for _ in self.events():
+            pass
 
 
 class Engine:

@@ -14,11 +14,11 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from sse_starlette import EventSourceResponse, ServerSentEvent
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
 from .engine import DoneEvent, Engine, ErrorEvent, Generation, GenerationParams, TokenEvent
-from .errors import ApplianceError, BodyTooLarge, ClientDisconnected
+from .errors import ApplianceError, BodyTooLarge, ClientDisconnected, PromptTooLong
 from .schemas import GenerateRequest, parse_body
 from .settings import Settings
 
@@ -29,11 +29,14 @@ async def read_body(request: Request, limit: int) -> bytes:
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise BodyTooLarge(f"the request body is larger than {limit} bytes")
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise BodyTooLarge(f"the request body is larger than {limit} bytes")
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise BodyTooLarge(f"the request body is larger than {limit} bytes")
+            chunks.append(chunk)
+    except ClientDisconnect:  # gone before the whole body came: nothing to answer
+        raise ClientDisconnected("the client closed the connection mid-body") from None
     return b"".join(chunks)
 
 
@@ -43,7 +46,16 @@ def start(
     """Tokenize and submit on the app's engine; raises ApplianceError before any response."""
     engine: Engine = request.app.state.engine
     settings: Settings = request.app.state.settings
-    return engine.submit(tokenize(engine), params, timeout=settings.request_timeout)
+    prompt = tokenize(engine)
+    limit = settings.max_prompt_tokens
+    if limit is not None and len(prompt) > limit:
+        raise PromptTooLong(
+            f"the prompt has {len(prompt)} tokens; this node takes at most {limit}",
+            param="messages",
+        )
+    generation = engine.submit(prompt, params, timeout=settings.request_timeout)
+    request.state.generation = generation  # for the request's log line
+    return generation
 
 
 async def until_disconnect(request: Request) -> None:
@@ -102,18 +114,24 @@ def sse_response(generation: Generation, events: AsyncIterator[Any]) -> Response
     )
 
 
-def _json(data: dict[str, Any]) -> str:
-    return json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+# Characters JSON leaves raw that str.splitlines (and so httpx's iter_lines, which many SSE
+# clients use) takes for line ends: escaped, so such a client never sees an event cut in two.
+_LINE_SEPARATORS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
+def event_json(data: dict[str, Any]) -> str:
+    """JSON for an event's data: UTF-8 as it is, except what a line splitter would cut at."""
+    return json.dumps(data, ensure_ascii=False, separators=(",", ":")).translate(_LINE_SEPARATORS)
 
 
 async def _generate_events(generation: Generation) -> AsyncIterator[ServerSentEvent]:
     async for event in generation.events():
         if isinstance(event, TokenEvent):
-            yield ServerSentEvent(_json({"text": event.text}), event="token")
+            yield ServerSentEvent(event_json({"text": event.text}), event="token")
         elif isinstance(event, DoneEvent):
-            yield ServerSentEvent(_json(done_payload(event)), event="done")
+            yield ServerSentEvent(event_json(done_payload(event)), event="done")
         elif isinstance(event, ErrorEvent):
-            yield ServerSentEvent(_json(error_payload(event.error)), event="error")
+            yield ServerSentEvent(event_json(error_payload(event.error)), event="error")
 
 
 def done_payload(done: DoneEvent) -> dict[str, Any]:

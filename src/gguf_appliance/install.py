@@ -26,8 +26,17 @@ ENV_FILE_TEMPLATE = """\
 #GGUF_APPLIANCE_MODEL_SHA256=
 #GGUF_APPLIANCE_N_SLOTS=8
 #GGUF_APPLIANCE_N_CTX=2048
+# API keys are best kept in /etc/gguf-appliance/api-keys (`systemctl reload gguf-appliance`
+# applies a change there without a restart); keys here need a restart.
 #GGUF_APPLIANCE_API_KEYS=
 #HF_TOKEN=
+"""
+
+KEY_FILE_TEMPLATE = """\
+# gguf-appliance API keys: one a line, at least 16 characters, no spaces; lines starting with
+# '#' are comments. With no key here (nor in GGUF_APPLIANCE_API_KEYS) the API is open.
+# This file stays readable by root only; after a change: systemctl reload gguf-appliance
+# A new key: python3 -c 'import secrets; print(secrets.token_urlsafe(32))'
 """
 
 
@@ -98,11 +107,14 @@ def _write_if_changed(path: Path, text: str) -> bool:
 def install(plan: InstallPlan, *, start: bool = True) -> list[str]:
     """Write what differs; enable and (re)start what changed. Returns what was done."""
     done = [f"wrote {p}" for p, text in rendered_files(plan).items() if _write_if_changed(p, text)]
-    env_file = plan.path("/etc/gguf-appliance/appliance.env")
-    if not env_file.exists():  # the operator's file: created once, never overwritten
-        env_file.parent.mkdir(parents=True, exist_ok=True)
-        env_file.write_text(ENV_FILE_TEMPLATE)
-        done.append(f"wrote {env_file}")
+    # The operator's files: created once (root's alone: they hold secrets), never overwritten.
+    for name, template in (("appliance.env", ENV_FILE_TEMPLATE), ("api-keys", KEY_FILE_TEMPLATE)):
+        path = plan.path(f"/etc/gguf-appliance/{name}")
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.touch(mode=0o600)
+            path.write_text(template)
+            done.append(f"wrote {path}")
     enabled = plan.path(plan.nginx_dir / "sites-enabled" / SITE)
     if not enabled.is_symlink():
         enabled.parent.mkdir(parents=True, exist_ok=True)

@@ -13,7 +13,7 @@ from starlette.responses import JSONResponse, Response
 
 from .engine import DoneEvent, Engine, ErrorEvent, Generation, TokenEvent
 from .errors import ApplianceError, NotFound
-from .generate import collect, read_body, sse_response, start
+from .generate import collect, event_json, read_body, sse_response, start
 from .schemas import ChatCompletionRequest, CompletionRequest, parse_body
 from .settings import Settings
 
@@ -64,7 +64,7 @@ async def _stream(
     """OpenAI's streaming frames: `data: {chunk}` lines, then `data: [DONE]`."""
     async for event in generation.events():
         if isinstance(event, TokenEvent):
-            yield json.dumps({**base, "choices": [chunk(event.text, None)]}, ensure_ascii=False)
+            yield event_json({**base, "choices": [chunk(event.text, None)]})
         elif isinstance(event, DoneEvent):
             yield json.dumps({**base, "choices": [chunk(None, finish_reason(event))]})
             if include_usage:

@@ -13,6 +13,27 @@ from .errors import InvalidRequest
 from .llama import SamplingParams
 
 MAX_STOP_STRINGS = 8
+MAX_GRAMMAR_LENGTH = 100_000
+# llama-cpp-python's converter writes `minLength: N` (and the like) as N copies of a rule: a
+# request of a few bytes would make gigabytes of grammar, and minutes of work, on the event loop.
+_SIZE_KEYWORDS = frozenset(
+    {"minLength", "maxLength", "minItems", "maxItems", "minProperties", "maxProperties"}
+)
+_MAX_SIZE_KEYWORD = 10_000
+
+
+def _largest_size(schema: Any) -> int:
+    largest, stack = 0, [schema]
+    while stack:  # a loop, not recursion: the schema may nest as deep as JSON allows
+        node = stack.pop()
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if key in _SIZE_KEYWORDS and isinstance(value, int):
+                    largest = max(largest, value)
+                stack.append(value)
+        elif isinstance(node, list):
+            stack.extend(node)
+    return largest
 
 
 class TextPart(BaseModel):
@@ -61,13 +82,27 @@ class ResponseFormat(BaseModel):
         if self.type == "json_object":
             return JSON_GBNF
         assert self.json_schema is not None
+        schema = self.json_schema.schema_
+        if _largest_size(schema) > _MAX_SIZE_KEYWORD:
+            raise InvalidRequest(
+                f"this JSON schema asks for more than {_MAX_SIZE_KEYWORD} characters, items or "
+                "properties in one place",
+                param="response_format",
+            )
         try:
-            return str(json_schema_to_gbnf(json.dumps(self.json_schema.schema_)))
+            grammar = str(json_schema_to_gbnf(json.dumps(schema)))
         except Exception as exc:  # the converter raises whatever it meets on a schema it can't do
             raise InvalidRequest(
                 f"this JSON schema cannot be turned into a grammar: {exc!r}",
                 param="response_format",
             ) from None
+        if len(grammar) > MAX_GRAMMAR_LENGTH:
+            raise InvalidRequest(
+                f"this JSON schema makes a grammar of {len(grammar)} characters; at most "
+                f"{MAX_GRAMMAR_LENGTH}",
+                param="response_format",
+            )
+        return grammar
 
 
 class Sampling(BaseModel):
@@ -89,7 +124,9 @@ class Sampling(BaseModel):
         None, description="Constrain the answer to JSON, or to JSON matching a schema."
     )
     grammar: str | None = Field(
-        None, max_length=100_000, description="A GBNF grammar the answer must match (llama.cpp's)."
+        None,
+        max_length=MAX_GRAMMAR_LENGTH,
+        description="A GBNF grammar the answer must match (llama.cpp's).",
     )
 
     @model_validator(mode="after")
@@ -202,6 +239,8 @@ def parse_body(body: bytes, model: type[_Body]) -> _Body:
         data: Any = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise InvalidRequest(f"the body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise InvalidRequest("the body's JSON nests too deeply") from None
     if not isinstance(data, dict):
         raise InvalidRequest("the body must be a JSON object")
     try:

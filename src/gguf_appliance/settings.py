@@ -7,6 +7,8 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from .keys import MIN_KEY_LENGTH
+
 ENV_PREFIX = "GGUF_APPLIANCE_"
 DEFAULT_ENV_FILE = Path("/etc/gguf-appliance/appliance.env")
 DEFAULT_MODEL = "bundled:smollm2-135m-instruct-q4_1"
@@ -147,9 +149,31 @@ class Settings(BaseSettings):
         le=64 * 1_048_576,
         description="Largest request body in bytes; a larger one gets 413.",
     )
+    max_prompt_tokens: int | None = Field(
+        None,
+        ge=1,
+        le=131072,
+        description="Largest prompt in tokens (default: the context less one); a longer one gets "
+        "400.",
+    )
     api_keys: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
-        description="Bearer keys required on /generate and /v1 (comma-separated); empty: open.",
+        description="Bearer keys required on /generate and /v1 (comma-separated); with no keys "
+        "here or in the key file the API is open.",
+    )
+    api_key_file: Path | None = Field(
+        None,
+        description="File of more bearer keys, one a line (`#` starts a comment line); read again "
+        "on SIGHUP (`systemctl reload gguf-appliance`).",
+    )
+    health_requires_key: bool = Field(
+        False,
+        description="Require an API key on /health/live and /health/ready too (the load "
+        "balancer's check must then send one).",
+    )
+    metrics_requires_key: bool = Field(
+        False,
+        description="Require an API key on /metrics too (Prometheus sends it as a bearer token).",
     )
     cors_origins: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
@@ -158,7 +182,14 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         "info", description="Log level."
     )
-    log_format: Literal["text", "json"] = Field("text", description="Log line format.")
+    log_format: Literal["text", "json"] = Field(
+        "text", description="Log line format: `json` writes one JSON object a line."
+    )
+    log_prompts: bool = Field(
+        False,
+        description="Put each request's prompt and answer in its log line; off, they are never "
+        "logged.",
+    )
 
     _split_lists = field_validator("api_keys", "cors_origins", mode="before")(_split_list)
 
@@ -166,8 +197,10 @@ class Settings(BaseSettings):
     @classmethod
     def _keys_long_enough(cls, keys: list[str]) -> list[str]:
         for key in keys:
-            if len(key) < 16:
-                raise ValueError("each API key needs at least 16 characters")
+            if len(key) < MIN_KEY_LENGTH or any(ch.isspace() for ch in key):
+                raise ValueError(
+                    f"each API key is one word of at least {MIN_KEY_LENGTH} characters"
+                )
         return keys
 
     @property

@@ -1,0 +1,464 @@
+"""The OpenAPI 3.1 document of the node's API, served at /openapi.json.
+
+Request bodies are the pydantic models the routes validate with (schemas.py), so the document
+says what the server accepts; rules that live in validators rather than in field bounds are
+added below, and the node's own limits (max_tokens_cap, the keys) are filled in from its
+settings. Responses are described by the models here; tests hold them against the real server
+(schemathesis, with response conformance checks).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.json_schema import models_json_schema
+
+from . import __version__
+from .schemas import MAX_STOP_STRINGS, ChatCompletionRequest, CompletionRequest, GenerateRequest
+from .settings import Settings
+
+REF = "#/components/schemas/{model}"
+MAX_STOP_LENGTH = 200  # schemas.Sampling's stop validator
+
+
+class _Response(BaseModel):
+    # A field the document does not name fails the response checks: the document cannot lag.
+    model_config = ConfigDict(extra="forbid")
+
+
+class ErrorDetail(_Response):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorBody(_Response):
+    """Every error, in OpenAI's shape."""
+
+    error: ErrorDetail
+
+
+class Live(_Response):
+    status: Literal["live"]
+
+
+class Ready(_Response):
+    status: Literal["ready"]
+    model: str
+
+
+class NotReady(_Response):
+    status: Literal["loading", "failed", "draining"]
+    reason: str
+
+
+class ModelCard(_Response):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+
+
+class ModelList(_Response):
+    object: Literal["list"]
+    data: list[ModelCard] = Field(description="The served model; empty while it loads.")
+
+
+class PromptTokensDetails(_Response):
+    cached_tokens: int = Field(ge=0)
+
+
+class Usage(_Response):
+    prompt_tokens: int = Field(ge=0)
+    completion_tokens: int = Field(ge=0)
+    total_tokens: int = Field(ge=0)
+    prompt_tokens_details: PromptTokensDetails
+
+
+class AssistantMessage(_Response):
+    role: Literal["assistant"]
+    content: str
+
+
+class ChatChoice(_Response):
+    index: int
+    message: AssistantMessage
+    finish_reason: Literal["stop", "length"]
+
+
+class ChatCompletion(_Response):
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: list[ChatChoice] = Field(min_length=1, max_length=1)
+    usage: Usage
+
+
+class CompletionChoice(_Response):
+    index: int
+    text: str
+    logprobs: None
+    finish_reason: Literal["stop", "length"]
+
+
+class Completion(_Response):
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[CompletionChoice] = Field(min_length=1, max_length=1)
+    usage: Usage
+
+
+# What the `data:` of each server-sent event holds (JSON), by stream.
+
+
+class TokenData(_Response):
+    text: str
+
+
+class DoneData(_Response):
+    finish_reason: Literal["stop", "length", "cancelled", "timeout"]
+    prompt_tokens: int = Field(ge=0)
+    cached_tokens: int = Field(ge=0)
+    completion_tokens: int = Field(ge=0)
+    time_to_first_token: float | None
+    tokens_per_second: float | None
+    queue_seconds: float
+    duration: float
+
+
+class ErrorData(_Response):
+    message: str
+    code: str
+    status: int
+
+
+class ChatDelta(_Response):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(_Response):
+    index: int
+    delta: ChatDelta
+    finish_reason: Literal["stop", "length"] | None
+
+
+class ChatCompletionChunk(_Response):
+    id: str
+    object: Literal["chat.completion.chunk"]
+    created: int
+    model: str
+    choices: list[ChatChunkChoice] = Field(max_length=1, description="Empty in the usage chunk.")
+    usage: Usage | None = None
+
+
+class CompletionChoiceDelta(_Response):
+    index: int
+    text: str
+    logprobs: None
+    finish_reason: Literal["stop", "length"] | None
+
+
+class CompletionChunk(_Response):
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[CompletionChoiceDelta] = Field(
+        max_length=1, description="Empty in the usage chunk."
+    )
+    usage: Usage | None = None
+
+
+_REQUESTS: list[type[BaseModel]] = [GenerateRequest, ChatCompletionRequest, CompletionRequest]
+_RESPONSES: list[type[BaseModel]] = [
+    ErrorBody,
+    Live,
+    Ready,
+    NotReady,
+    ModelList,
+    ChatCompletion,
+    Completion,
+    TokenData,
+    DoneData,
+    ErrorData,
+    ChatCompletionChunk,
+    CompletionChunk,
+]
+
+_GENERATE_STREAM = """\
+Server-sent events: `token` events (`{"text": ...}`, the answer's next piece, never a broken \
+character or part of a stop string), then one `done` event (`{"finish_reason", \
+"prompt_tokens", "cached_tokens", "completion_tokens", "time_to_first_token", \
+"tokens_per_second", "queue_seconds", "duration"}`) or one `error` event (`{"message", "code", \
+"status"}`) if the node failed mid-answer."""
+_OPENAI_STREAM = """\
+With `stream: true`: server-sent events, each `data:` a chunk in OpenAI's format, then \
+`data: [DONE]`."""
+
+
+def _component_schemas() -> dict[str, Any]:
+    models = [(m, "validation") for m in _REQUESTS] + [(m, "serialization") for m in _RESPONSES]
+    _, definitions = models_json_schema(models, ref_template=REF)  # type: ignore[arg-type]
+    schemas: dict[str, Any] = definitions["$defs"]
+    return schemas
+
+
+def _tighten_requests(schemas: dict[str, Any], settings: Settings) -> None:
+    """State in the schema what the validators and the node's settings enforce."""
+    for name in ("GenerateRequest", "ChatCompletionRequest", "CompletionRequest"):
+        properties = schemas[name]["properties"]
+        for field in ("max_tokens", "max_completion_tokens"):
+            if field in properties:
+                for option in properties[field]["anyOf"]:
+                    if option.get("type") == "integer":
+                        option["maximum"] = settings.max_tokens_cap
+        for option in properties["stop"]["anyOf"]:
+            if option.get("type") == "string":
+                option["maxLength"] = MAX_STOP_LENGTH
+            elif option.get("type") == "array":
+                option["maxItems"] = MAX_STOP_STRINGS
+                option["items"]["maxLength"] = MAX_STOP_LENGTH
+    # The engine refuses a prompt of no tokens.
+    generate_prompt = schemas["GenerateRequest"]["properties"]["prompt"]["anyOf"][0]
+    generate_prompt["minLength"] = 1
+    for option in schemas["CompletionRequest"]["properties"]["prompt"]["anyOf"]:
+        if option["type"] == "string":
+            option["minLength"] = 1
+        else:
+            option["items"]["minLength"] = 1
+    # GenerateRequest's model validator: exactly one of `prompt` and `messages` (null = absent).
+    schemas["GenerateRequest"]["oneOf"] = [
+        {"required": ["prompt"], "properties": {"prompt": {"type": "string", "minLength": 1}}},
+        {"required": ["messages"], "properties": {"messages": {"type": "array"}}},
+    ]
+
+
+def _json(schema: str) -> dict[str, Any]:
+    return {"application/json": {"schema": {"$ref": REF.format(model=schema)}}}
+
+
+def _event_stream(data_by_event: dict[str, str], *, done_marker: bool) -> dict[str, Any]:
+    """A text/event-stream whose events are named by `data_by_event`, each with JSON data of
+    that component (an OpenAI stream's error arrives as an `ErrorBody` and it ends with
+    `data: [DONE]`). OpenAPI 3.1 has `schema` describe one event."""
+    events = []
+    for event, component in data_by_event.items():
+        data: dict[str, Any] = {
+            "type": "string",
+            "contentMediaType": "application/json",
+            "contentSchema": {"$ref": REF.format(model=component)},
+        }
+        if done_marker:
+            data["contentSchema"] = {
+                "oneOf": [data["contentSchema"], {"$ref": REF.format(model="ErrorBody")}]
+            }
+            data = {"anyOf": [{"const": "[DONE]"}, data]}
+        events.append(
+            {
+                "type": "object",
+                "required": ["event", "data"],
+                "properties": {"event": {"const": event}, "data": data},
+            }
+        )
+    schema = events[0] if len(events) == 1 else {"oneOf": events}
+    return {"text/event-stream": {"schema": schema}}
+
+
+def _error(description: str) -> dict[str, Any]:
+    return {"description": description, "content": _json("ErrorBody")}
+
+
+_REQUEST_ID_HEADER = {
+    "X-Request-ID": {
+        "description": "The request's id: the client's X-Request-ID if it is a plain token, "
+        "else a new one. The log line carries it too.",
+        "required": True,
+        "schema": {"type": "string"},
+    }
+}
+
+
+def _with_request_id(responses: dict[str, Any]) -> dict[str, Any]:
+    for response in responses.values():
+        response["headers"] = {**_REQUEST_ID_HEADER, **response.get("headers", {})}
+    return responses
+
+
+def _generation_errors(settings: Settings) -> dict[str, Any]:
+    return {
+        "400": _error(
+            "Malformed JSON, a field out of range, max_tokens above the node's cap, or a prompt "
+            "longer than the context or `max_prompt_tokens` (`code: context_length_exceeded`)."
+        ),
+        "413": _error(f"A body larger than {settings.max_body_bytes} bytes."),
+        "503": {
+            **_error(
+                "The queue is full (`queue_full`, with Retry-After), the model is not loaded "
+                "(`not_ready`) or the node is shutting down (`draining`)."
+            ),
+            "headers": {
+                "Retry-After": {
+                    "description": "Seconds to wait before retrying (queue full, loading).",
+                    "schema": {"type": "string", "pattern": "^[0-9]+$"},
+                }
+            },
+        },
+    }
+
+
+def _operation(
+    summary: str,
+    responses: dict[str, Any],
+    *,
+    protected: bool,
+    keys: bool,
+    body: str | None = None,
+    description: str | None = None,
+) -> dict[str, Any]:
+    operation: dict[str, Any] = {"summary": summary}
+    if description:
+        operation["description"] = description
+    if body:
+        operation["requestBody"] = {"required": True, "content": _json(body)}
+    if protected and keys:
+        operation["security"] = [{"bearer": []}]
+        responses["401"] = {
+            **_error("No valid `Authorization: Bearer KEY`."),
+            "headers": {"WWW-Authenticate": {"schema": {"type": "string"}}},
+        }
+    operation["responses"] = _with_request_id(responses)
+    return operation
+
+
+def openapi_document(settings: Settings, keys_required: bool) -> dict[str, Any]:
+    """The document for a node with these settings (its caps; whether keys are required)."""
+    schemas = _component_schemas()
+    _tighten_requests(schemas, settings)
+    generate_ok = _event_stream(
+        {"token": "TokenData", "done": "DoneData", "error": "ErrorData"}, done_marker=False
+    )
+    openai_ok = {
+        **_json("ChatCompletion"),
+        **_event_stream({"message": "ChatCompletionChunk"}, done_marker=True),
+    }
+    completion_ok = {
+        **_json("Completion"),
+        **_event_stream({"message": "CompletionChunk"}, done_marker=True),
+    }
+    not_found = _error("A model name that is another model's .gguf file.")
+    paths = {
+        "/generate": {
+            "post": _operation(
+                "Generate an answer, streamed as server-sent events",
+                {
+                    "200": {"description": _GENERATE_STREAM, "content": generate_ok},
+                    **_generation_errors(settings),
+                },
+                protected=True,
+                body="GenerateRequest",
+                keys=keys_required,
+            )
+        },
+        "/v1/chat/completions": {
+            "post": _operation(
+                "OpenAI-compatible chat completion",
+                {
+                    "200": {"description": _OPENAI_STREAM, "content": openai_ok},
+                    "404": not_found,
+                    **_generation_errors(settings),
+                },
+                protected=True,
+                body="ChatCompletionRequest",
+                keys=keys_required,
+            )
+        },
+        "/v1/completions": {
+            "post": _operation(
+                "OpenAI-compatible text completion",
+                {
+                    "200": {"description": _OPENAI_STREAM, "content": completion_ok},
+                    "404": not_found,
+                    **_generation_errors(settings),
+                },
+                protected=True,
+                body="CompletionRequest",
+                keys=keys_required,
+            )
+        },
+        "/v1/models": {
+            "get": _operation(
+                "The served model",
+                {"200": {"description": "The model list.", "content": _json("ModelList")}},
+                protected=True,
+                keys=keys_required,
+            )
+        },
+        "/health/live": {
+            "get": _operation(
+                "Liveness: 200 while the process runs",
+                {"200": {"description": "Alive.", "content": _json("Live")}},
+                protected=settings.health_requires_key,
+                keys=keys_required,
+            )
+        },
+        "/health/ready": {
+            "get": _operation(
+                "Readiness: the load balancer's check",
+                {
+                    "200": {"description": "The model is loaded.", "content": _json("Ready")},
+                    "503": {
+                        "description": "Loading, failed or draining, with the reason.",
+                        "content": _json("NotReady"),
+                    },
+                },
+                protected=settings.health_requires_key,
+                keys=keys_required,
+            )
+        },
+        "/metrics": {
+            "get": _operation(
+                "Prometheus metrics",
+                {
+                    "200": {
+                        "description": "The Prometheus text format.",
+                        "content": {"text/plain": {"schema": {"type": "string"}}},
+                    }
+                },
+                protected=settings.metrics_requires_key,
+                keys=keys_required,
+            )
+        },
+        "/openapi.json": {
+            "get": _operation(
+                "This document",
+                {
+                    "200": {
+                        "description": "OpenAPI 3.1.",
+                        "content": {"application/json": {"schema": {"type": "object"}}},
+                    }
+                },
+                protected=False,
+                keys=keys_required,
+            )
+        },
+    }
+    components: dict[str, Any] = {"schemas": schemas}
+    if keys_required:
+        components["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "gguf-appliance",
+            "version": __version__,
+            "description": "An LLM node: /generate (server-sent events), an OpenAI-compatible "
+            "/v1, health checks and metrics.",
+        },
+        "paths": paths,
+        "components": components,
+    }
