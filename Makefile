@@ -7,10 +7,11 @@ PORT ?= 8000
 # llama-cpp-python compiles from source; build on every core (pip caches the wheel after).
 export CMAKE_BUILD_PARALLEL_LEVEL ?= $(shell nproc)
 
-.PHONY: help install system-deps run test boot-test lint format clean readme bench soak
+.PHONY: help install system-deps run test boot-test lint format clean readme bench checkov pool soak
 
 help:
 	@echo "make run    serve the chat page and API on http://$(HOST):$(PORT)/ (bundled model)"
+	@echo "make pool   three nodes behind NGINX on http://$(POOL_LISTEN)/ (Ctrl-C stops them)"
 	@echo "make test   install what the tests need and run them"
 	@echo "make lint   ruff and mypy"
 	@echo "make soak   five minutes of mixed clients: nothing may fail or leak"
@@ -27,8 +28,22 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 
 install: $(VENV)/.installed
 
+# checkov scans deploy/oci in the tests. It lives in a venv of its own: it pins packaging<24,
+# which pytest 9 cannot run with.
+CHECKOV_VENV ?= .venv-checkov
+$(CHECKOV_VENV)/bin/checkov:
+	$(PYTHON) -m venv $(CHECKOV_VENV)
+	$(CHECKOV_VENV)/bin/pip install --quiet checkov==3.3.30
+
+checkov: $(CHECKOV_VENV)/bin/checkov
+
 run: install
 	$(BIN)/gguf-appliance serve --host $(HOST) --port $(PORT)
+
+# Three nodes behind NGINX on this machine, as on OCI (deploy/local_pool.py); Ctrl-C stops all.
+POOL_LISTEN ?= 127.0.0.1:8080
+pool: install system-deps
+	$(BIN)/python deploy/local_pool.py --listen $(POOL_LISTEN)
 
 # What the tests run for real: NGINX, cloud-init's schema check, systemd-analyze, Chromium (the
 # page's tests drive Debian's build with Playwright; no browser download) and CJK and emoji
@@ -48,8 +63,8 @@ system-deps:
 		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
 	fi
 
-test: install system-deps
-	$(BIN)/pytest
+test: install system-deps checkov
+	CHECKOV=$(abspath $(CHECKOV_VENV)/bin/checkov) $(BIN)/pytest
 
 # A Debian 12 container boots with our cloud-init.yaml and must end up serving through NGINX
 # on port 80 (root: debootstrap and systemd-nspawn). See tests_boot/test_boot.py.
@@ -87,7 +102,7 @@ soak: install
 	$(BIN)/python benchmarks/soak.py --duration $(SOAK_SECONDS) --json benchmarks/results/soak.json
 
 clean:
-	rm -rf $(VENV) $(BASELINE) build dist .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) $(BASELINE) $(CHECKOV_VENV) build dist .mypy_cache .ruff_cache .pytest_cache
 
 # Rewrite the README's settings table from the settings model (a test checks they agree).
 readme: install

@@ -22,7 +22,7 @@ from starlette.staticfiles import StaticFiles
 
 from . import openai_api
 from .access import RequestMiddleware, error_response
-from .engine import Engine, EngineConfig
+from .engine import Engine, engine_config
 from .errors import ApplianceError, ModelError
 from .generate import generate
 from .keys import ApiKeys
@@ -101,19 +101,7 @@ def create_app(settings: Settings) -> Starlette:
     Raises KeyFileError if the API key file cannot be read.
     """
     api_keys = ApiKeys(settings.api_keys, settings.api_key_file)
-    engine = Engine(
-        EngineConfig(
-            n_ctx=settings.n_ctx,
-            n_slots=settings.n_slots,
-            n_batch=settings.n_batch,
-            threads=settings.threads,
-            queue_size=settings.queue_size,
-            max_tokens_cap=settings.max_tokens_cap,
-            retry_after=settings.retry_after,
-            prefill_chunk=settings.prefill_chunk,
-            reuse_prefix=settings.reuse_prefix,
-        )
-    )
+    engine = Engine(engine_config(settings))
     app_metrics = Metrics(engine)
     engine.on_done = app_metrics.observe_generation
 

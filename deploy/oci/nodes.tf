@@ -1,0 +1,169 @@
+# The nodes: one instance configuration (shape, image, network, user data), a pool of it spread
+# over the availability domain's fault domains, and CPU-based autoscaling between min and max.
+
+data "oci_identity_availability_domains" "region" {
+  compartment_id = var.compartment_ocid
+}
+
+locals {
+  availability_domain = data.oci_identity_availability_domains.region.availability_domains[var.availability_domain_number - 1].name
+
+  # The user data is the repository's cloud-init.yaml, with the lines below set from the
+  # variables. Each pattern is an RE2 expression (slashes make replace() read it as one) that
+  # tests/test_oci_terraform.py finds in cloud-init.yaml exactly `count` times.
+  cloud_init_path = "${path.module}/../../cloud-init.yaml"
+  user_data_edits = {
+    model = {
+      pattern = "/GGUF_APPLIANCE_MODEL=.*/"
+      text    = "GGUF_APPLIANCE_MODEL=${var.model}"
+      count   = 1
+    }
+    # The package to install and its pin in the constraints list.
+    version = {
+      pattern = "/gguf-appliance==[^\\s;]+/"
+      text    = "gguf-appliance==${var.appliance_version}"
+      count   = 2
+    }
+    lb_subnet = {
+      pattern = "/LB_SUBNET=.*/"
+      text    = "LB_SUBNET=${var.lb_subnet_cidr}"
+      count   = 1
+    }
+  }
+  user_data = replace(
+    replace(
+      replace(
+        file(local.cloud_init_path),
+        local.user_data_edits.model.pattern, local.user_data_edits.model.text
+      ),
+      local.user_data_edits.version.pattern, local.user_data_edits.version.text
+    ),
+    local.user_data_edits.lb_subnet.pattern, local.user_data_edits.lb_subnet.text
+  )
+}
+
+resource "oci_core_instance_configuration" "node" {
+  compartment_id = var.compartment_ocid
+  display_name   = "${var.name}-node"
+
+  instance_details {
+    instance_type = "compute"
+    launch_details {
+      compartment_id = var.compartment_ocid
+      shape          = "VM.Standard.A2.Flex"
+      shape_config {
+        ocpus         = var.node_ocpus
+        memory_in_gbs = var.node_memory_gbs
+      }
+      source_details {
+        source_type             = "image"
+        image_id                = var.image_ocid
+        boot_volume_size_in_gbs = var.boot_volume_gbs
+      }
+      create_vnic_details {
+        assign_public_ip = false
+        nsg_ids          = [oci_core_network_security_group.nodes.id]
+      }
+      # Boot volume traffic between the host and the volume is encrypted too.
+      is_pv_encryption_in_transit_enabled = true
+      instance_options {
+        # Only the authenticated v2 metadata endpoint: a request forged through the node cannot
+        # read the user data.
+        are_legacy_imds_endpoints_disabled = true
+      }
+      agent_config {
+        # CPU metrics from the Oracle Cloud Agent feed the autoscaling below.
+        is_monitoring_disabled = false
+        is_management_disabled = false
+      }
+      metadata = {
+        user_data = base64encode(local.user_data)
+      }
+    }
+  }
+
+  # A changed model or version is a new configuration; the pool moves to it before the old one
+  # goes. Nodes already running keep what they booted with (see deploy/oci/README.md).
+  lifecycle {
+    create_before_destroy = true
+  }
+}
+
+resource "oci_core_instance_pool" "nodes" {
+  compartment_id            = var.compartment_ocid
+  display_name              = "${var.name}-pool"
+  instance_configuration_id = oci_core_instance_configuration.node.id
+  size                      = var.pool_min_nodes
+
+  # Spread evenly over the three fault domains: one failing host rack takes a third at most.
+  placement_configurations {
+    availability_domain = local.availability_domain
+    fault_domains       = ["FAULT-DOMAIN-1", "FAULT-DOMAIN-2", "FAULT-DOMAIN-3"]
+    primary_vnic_subnets {
+      subnet_id = oci_core_subnet.nodes.id
+    }
+  }
+
+  # Every node joins the backend set when it is launched and leaves it when it is terminated.
+  load_balancers {
+    load_balancer_id = oci_load_balancer_load_balancer.pool.id
+    backend_set_name = oci_load_balancer_backend_set.nodes.name
+    port             = 80
+    vnic_selection   = "PrimaryVnic"
+  }
+
+  # Autoscaling owns the size after creation.
+  lifecycle {
+    ignore_changes = [size]
+  }
+}
+
+resource "oci_autoscaling_auto_scaling_configuration" "nodes" {
+  compartment_id       = var.compartment_ocid
+  display_name         = "${var.name}-autoscaling"
+  cool_down_in_seconds = var.autoscaling_cooldown_seconds
+  is_enabled           = true
+
+  auto_scaling_resources {
+    id   = oci_core_instance_pool.nodes.id
+    type = "instancePool"
+  }
+
+  policies {
+    display_name = "cpu"
+    policy_type  = "threshold"
+    capacity {
+      initial = var.pool_min_nodes
+      min     = var.pool_min_nodes
+      max     = var.pool_max_nodes
+    }
+    rules {
+      display_name = "scale-out"
+      action {
+        type  = "CHANGE_COUNT_BY"
+        value = 1
+      }
+      metric {
+        metric_type = "CPU_UTILIZATION"
+        threshold {
+          operator = "GT"
+          value    = var.scale_out_cpu_percent
+        }
+      }
+    }
+    rules {
+      display_name = "scale-in"
+      action {
+        type  = "CHANGE_COUNT_BY"
+        value = -1
+      }
+      metric {
+        metric_type = "CPU_UTILIZATION"
+        threshold {
+          operator = "LT"
+          value    = var.scale_in_cpu_percent
+        }
+      }
+    }
+  }
+}

@@ -1,0 +1,232 @@
+# Every input of the pool. Only the first three have no default.
+
+variable "region" {
+  type        = string
+  description = "OCI region to build the pool in, e.g. \"eu-frankfurt-1\". It must offer the VM.Standard.A2.Flex shape."
+}
+
+variable "compartment_ocid" {
+  type        = string
+  description = "OCID of the compartment that holds every resource made here."
+}
+
+variable "image_ocid" {
+  type        = string
+  description = "OCID of the nodes' boot image in this region: an Ubuntu 22.04 or 24.04 aarch64 platform image (cloud-init.yaml bootstraps either)."
+}
+
+variable "oci_config_profile" {
+  type        = string
+  default     = "DEFAULT"
+  description = "Profile in ~/.oci/config that the provider authenticates with."
+}
+
+variable "name" {
+  type        = string
+  default     = "gguf-appliance"
+  description = "Prefix of every resource's display name."
+}
+
+# --- what each node runs ---
+
+variable "model" {
+  type        = string
+  default     = "hf://TheBloke/TinyLlama-1.1B-Chat-v1.0-GGUF/tinyllama-1.1b-chat-v1.0.Q4_K_M.gguf"
+  description = "Model every node serves: GGUF_APPLIANCE_MODEL in the node's /etc/gguf-appliance/appliance.env (hf://OWNER/REPO/FILE.gguf[@REV], https://..., or bundled:NAME). Changing it makes a new instance configuration: nodes launched after that serve the new model."
+  validation {
+    # It becomes one line of the user data: no white space, and no '$', which replace() reads
+    # as a reference to a regular-expression group.
+    condition     = can(regex("^(hf://|https://|bundled:)[^\\s$]+$", var.model))
+    error_message = "model must be hf://OWNER/REPO/FILE.gguf[@REV], an https:// URL or bundled:NAME, with no spaces or '$'."
+  }
+}
+
+variable "appliance_version" {
+  type        = string
+  default     = "0.1.0"
+  description = "gguf-appliance release the nodes install from PyPI (GGUF_APPLIANCE_PACKAGE and its pin in cloud-init.yaml). The other pins in cloud-init.yaml were resolved for the version of this checkout: deploy another version from that version's checkout."
+  validation {
+    condition     = can(regex("^[0-9]+(\\.[0-9]+)*((a|b|rc)[0-9]+)?(\\.post[0-9]+)?$", var.appliance_version))
+    error_message = "appliance_version must be a release version such as 0.1.0."
+  }
+}
+
+variable "node_ocpus" {
+  type        = number
+  default     = 2
+  description = "OCPUs per node (VM.Standard.A2.Flex). The node decodes on every core it has."
+}
+
+variable "node_memory_gbs" {
+  type        = number
+  default     = 16
+  description = "Memory per node in GB: the model, plus the KV cache (N_SLOTS x N_CTX tokens; 360 MB for TinyLlama at 8 x 2,048), plus the OS."
+}
+
+variable "boot_volume_gbs" {
+  type        = number
+  default     = 50
+  description = "Boot volume per node in GB: the OS, the build tools, the venv and the model (5-6 GB in all for a 1-3 B model)."
+  validation {
+    condition     = var.boot_volume_gbs >= 50
+    error_message = "OCI boot volumes are at least 50 GB."
+  }
+}
+
+# --- the pool and its autoscaling ---
+
+variable "pool_min_nodes" {
+  type        = number
+  default     = 2
+  description = "Fewest nodes; also the pool's size when it is created. Two or more keep serving while one node is replaced or its fault domain fails."
+  validation {
+    condition     = var.pool_min_nodes >= 1
+    error_message = "pool_min_nodes must be at least 1."
+  }
+}
+
+variable "pool_max_nodes" {
+  type        = number
+  default     = 4
+  description = "Most nodes autoscaling may run; bounds the bill (see the cost table in deploy/oci/README.md)."
+  validation {
+    condition     = var.pool_max_nodes >= var.pool_min_nodes
+    error_message = "pool_max_nodes must be at least pool_min_nodes."
+  }
+}
+
+variable "scale_out_cpu_percent" {
+  type        = number
+  default     = 70
+  description = "Average CPU use of the pool above which autoscaling adds a node. A node runs at nearly 100% while it streams any answer, so this is the share of time the nodes are busy."
+  validation {
+    condition     = var.scale_out_cpu_percent > 0 && var.scale_out_cpu_percent <= 100
+    error_message = "scale_out_cpu_percent must be in (0, 100]."
+  }
+}
+
+variable "scale_in_cpu_percent" {
+  type        = number
+  default     = 20
+  description = "Average CPU use of the pool below which autoscaling removes a node."
+  validation {
+    condition     = var.scale_in_cpu_percent >= 0 && var.scale_in_cpu_percent < var.scale_out_cpu_percent
+    error_message = "scale_in_cpu_percent must be below scale_out_cpu_percent."
+  }
+}
+
+variable "autoscaling_cooldown_seconds" {
+  type        = number
+  default     = 300
+  description = "Seconds between two scaling actions (OCI's minimum is 300). A new node needs about 10 minutes to build llama.cpp and fetch the model before its health check passes."
+  validation {
+    condition     = var.autoscaling_cooldown_seconds >= 300
+    error_message = "OCI's autoscaling cooldown is at least 300 seconds."
+  }
+}
+
+# --- the load balancer ---
+
+variable "health_check_interval_ms" {
+  type        = number
+  default     = 5000
+  description = "Milliseconds between two health checks (GET /health/ready, expecting 200) of each node. A draining node answers 503 at once; the balancer stops sending it requests after interval x retries at most."
+  validation {
+    condition     = var.health_check_interval_ms >= 1000 && var.health_check_interval_ms <= 1800000
+    error_message = "health_check_interval_ms must be between 1000 and 1800000."
+  }
+}
+
+variable "health_check_timeout_ms" {
+  type        = number
+  default     = 3000
+  description = "Milliseconds a health check may take. /health/ready answers from memory, even while the node streams."
+  validation {
+    condition     = var.health_check_timeout_ms >= 1 && var.health_check_timeout_ms < var.health_check_interval_ms
+    error_message = "health_check_timeout_ms must be positive and shorter than the interval."
+  }
+}
+
+variable "health_check_retries" {
+  type        = number
+  default     = 2
+  description = "Failed (or passed) checks in a row before a node is taken out of (or put back into) rotation."
+  validation {
+    condition     = var.health_check_retries >= 1 && var.health_check_retries <= 10
+    error_message = "health_check_retries must be between 1 and 10."
+  }
+}
+
+variable "listener_idle_timeout_seconds" {
+  type        = number
+  default     = 300
+  description = "Seconds a connection through the balancer may stay silent. Streams are never silent for long (the node sends an SSE ping every 15 s), so this bounds idle keep-alive connections; keep it under the node NGINX's keepalive_timeout (310 s) so the balancer, not NGINX, closes an idle connection."
+  validation {
+    condition     = var.listener_idle_timeout_seconds >= 300 && var.listener_idle_timeout_seconds < 310
+    error_message = "listener_idle_timeout_seconds must be at least 300 and below 310."
+  }
+}
+
+variable "lb_max_bandwidth_mbps" {
+  type        = number
+  default     = 10
+  description = "Flexible load balancer's bandwidth ceiling in Mbps (its floor is 10). Streamed text is small: 10 Mbps carries thousands of streams."
+  validation {
+    condition     = var.lb_max_bandwidth_mbps >= 10 && var.lb_max_bandwidth_mbps <= 8000
+    error_message = "lb_max_bandwidth_mbps must be between 10 and 8000."
+  }
+}
+
+variable "client_cidrs" {
+  type        = list(string)
+  default     = ["0.0.0.0/0"]
+  description = "Addresses allowed to reach the load balancer (all by default: a public service). Narrow it to try the pool privately."
+  validation {
+    condition     = alltrue([for c in var.client_cidrs : can(cidrhost(c, 0))])
+    error_message = "client_cidrs must be CIDR blocks."
+  }
+}
+
+variable "certificate_ocid" {
+  type        = string
+  default     = null
+  description = "OCID of a certificate in OCI's Certificates service. When given, the balancer also listens for HTTPS on port 443 with it."
+}
+
+# --- the network ---
+
+variable "vcn_cidr" {
+  type        = string
+  default     = "10.0.0.0/16"
+  description = "Address range of the pool's VCN."
+  validation {
+    condition     = can(cidrhost(var.vcn_cidr, 0))
+    error_message = "vcn_cidr must be a CIDR block."
+  }
+}
+
+variable "lb_subnet_cidr" {
+  type        = string
+  default     = "10.0.1.0/24"
+  description = "Public subnet of the load balancer, inside vcn_cidr. The nodes trust X-Forwarded-For from this range only."
+  validation {
+    condition     = can(cidrhost(var.lb_subnet_cidr, 0))
+    error_message = "lb_subnet_cidr must be a CIDR block."
+  }
+}
+
+variable "nodes_subnet_cidr" {
+  type        = string
+  default     = "10.0.2.0/24"
+  description = "Private subnet of the nodes, inside vcn_cidr: no public addresses; out to the internet through a NAT gateway."
+  validation {
+    condition     = can(cidrhost(var.nodes_subnet_cidr, 0))
+    error_message = "nodes_subnet_cidr must be a CIDR block."
+  }
+}
+
+variable "availability_domain_number" {
+  type        = number
+  default     = 1
+  description = "Which availability domain of the region (1, 2 or 3) holds the pool; the nodes spread over its three fault domains."
+}

@@ -1,0 +1,344 @@
+"""deploy/oci, checked without a cloud account or a terraform binary.
+
+python-hcl2 parses the files; checkov scans them (from its own venv, `.venv-checkov`, which
+`make test` builds: its pins clash with pytest's); and the user data's edits are applied to
+cloud-init.yaml as Terraform's replace() applies them (RE2 patterns that Python's re reads
+alike), so the test sees the very file a node boots with.
+"""
+
+from __future__ import annotations
+
+import base64
+import importlib.metadata
+import json
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import hcl2
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+MODULE = ROOT / "deploy" / "oci"
+CHECKOV = Path(os.environ.get("CHECKOV", ROOT / ".venv-checkov" / "bin" / "checkov"))
+# OCI refuses instance metadata (user data included, base64-encoded) over 32,000 bytes.
+METADATA_LIMIT = 32_000
+
+
+def parse_module(module: Path = MODULE) -> dict[str, Any]:
+    """Every .tf file of the module, merged: {block type: [blocks]}."""
+    merged: dict[str, list[Any]] = {}
+    for path in sorted(module.glob("*.tf")):
+        with path.open() as file:
+            for kind, blocks in hcl2.load(file).items():
+                merged.setdefault(kind, []).extend(blocks)
+    return merged
+
+
+def unquote(name: str) -> str:
+    return name.strip('"')
+
+
+def hcl_string(raw: str) -> str:
+    """A string literal as python-hcl2 returns it (quotes and escapes kept) to its value."""
+    assert raw.startswith('"') and raw.endswith('"'), raw
+    value: str = json.loads(raw)  # HCL's escapes (\\ \" \n \t \uNNNN) are JSON's
+    return value
+
+
+def resources(tf: dict[str, Any], kind: str) -> dict[str, dict[str, Any]]:
+    found = {}
+    for block in tf.get("resource", []):
+        for rtype, named in block.items():
+            if unquote(rtype) == kind:
+                found.update({unquote(n): body for n, body in named.items()})
+    return found
+
+
+def variables(tf: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {unquote(n): body for block in tf["variable"] for n, body in block.items()}
+
+
+def default(tf: dict[str, Any], name: str) -> Any:
+    value = variables(tf)[name]["default"]
+    return hcl_string(value) if isinstance(value, str) else value
+
+
+def locals_(tf: dict[str, Any]) -> dict[str, Any]:
+    merged: dict[str, Any] = {}
+    for block in tf["locals"]:
+        merged.update({k: v for k, v in block.items() if not k.startswith("__")})
+    return merged
+
+
+def compact(expression: str) -> str:
+    return re.sub(r"\s+", "", expression)
+
+
+def render_user_data(tf: dict[str, Any], values: dict[str, str]) -> str:
+    """locals.user_data as Terraform computes it, for the given variable values."""
+    edits = locals_(tf)["user_data_edits"]
+    text = (ROOT / "cloud-init.yaml").read_text()
+    for edit in edits.values():
+        pattern = hcl_string(edit["pattern"])
+        assert pattern.startswith("/") and pattern.endswith("/"), "replace() needs /regex/"
+        replacement = re.sub(r"\$\{var\.(\w+)\}", lambda m: values[m[1]], hcl_string(edit["text"]))
+        assert "${" not in replacement and "$" not in replacement
+        text = re.sub(pattern[1:-1], lambda _m, r=replacement: r, text)
+    return text
+
+
+@pytest.fixture(scope="module")
+def tf() -> dict[str, Any]:
+    return parse_module()
+
+
+def test_every_variable_is_documented_typed_and_used(tf: dict[str, Any]) -> None:
+    sources = "\n".join(p.read_text() for p in MODULE.glob("*.tf"))
+    declared = variables(tf)
+    assert len(declared) >= 20
+    for name, body in declared.items():
+        assert len(hcl_string(body.get("description", '""'))) > 20, f"{name}: no description"
+        assert "type" in body, f"{name}: no type"
+        assert f"var.{name}" in sources.replace(f'variable "{name}"', ""), f"{name} is unused"
+    readme = (MODULE / "README.md").read_text()
+    for name in declared:
+        assert f"`{name}`" in readme, f"deploy/oci/README.md does not list {name}"
+
+
+def test_nodes_are_a2_flex_with_2_ocpus_and_16_gb_from_the_given_image(tf: dict[str, Any]) -> None:
+    (config,) = resources(tf, "oci_core_instance_configuration").values()
+    launch = config["instance_details"][0]["launch_details"][0]
+    assert hcl_string(launch["shape"]) == "VM.Standard.A2.Flex"
+    shape = launch["shape_config"][0]
+    assert shape["ocpus"] == "${var.node_ocpus}" and default(tf, "node_ocpus") == 2
+    assert shape["memory_in_gbs"] == "${var.node_memory_gbs}"
+    assert default(tf, "node_memory_gbs") == 16
+    assert launch["source_details"][0]["image_id"] == "${var.image_ocid}"
+    assert "default" not in variables(tf)["image_ocid"]
+    vnic = launch["create_vnic_details"][0]
+    assert vnic["assign_public_ip"] is False
+    assert launch["instance_options"][0]["are_legacy_imds_endpoints_disabled"] is True
+
+
+def test_pool_spreads_over_fault_domains_behind_the_balancer(tf: dict[str, Any]) -> None:
+    (pool,) = resources(tf, "oci_core_instance_pool").values()
+    placement = pool["placement_configurations"][0]
+    domains = [hcl_string(d) for d in placement["fault_domains"]]
+    assert sorted(domains) == ["FAULT-DOMAIN-1", "FAULT-DOMAIN-2", "FAULT-DOMAIN-3"]
+    assert placement["primary_vnic_subnets"][0]["subnet_id"] == "${oci_core_subnet.nodes.id}"
+    balancer = pool["load_balancers"][0]
+    assert balancer["backend_set_name"] == "${oci_load_balancer_backend_set.nodes.name}"
+    assert balancer["port"] == 80
+
+
+def test_autoscaling_on_cpu_between_min_and_max(tf: dict[str, Any]) -> None:
+    (scaling,) = resources(tf, "oci_autoscaling_auto_scaling_configuration").values()
+    assert scaling["auto_scaling_resources"][0]["id"] == "${oci_core_instance_pool.nodes.id}"
+    (policy,) = scaling["policies"]
+    capacity = policy["capacity"][0]
+    assert capacity["min"] == "${var.pool_min_nodes}"
+    assert capacity["max"] == "${var.pool_max_nodes}"
+    rules = {
+        (r["metric"][0]["metric_type"], r["metric"][0]["threshold"][0]["operator"]): r
+        for r in policy["rules"]
+    }
+    out = rules['"CPU_UTILIZATION"', '"GT"']
+    assert out["action"][0]["value"] == 1
+    assert out["metric"][0]["threshold"][0]["value"] == "${var.scale_out_cpu_percent}"
+    shrink = rules['"CPU_UTILIZATION"', '"LT"']
+    assert shrink["action"][0]["value"] == -1
+    assert default(tf, "pool_min_nodes") <= default(tf, "pool_max_nodes")
+
+
+def test_balancer_checks_ready_expecting_200_and_keeps_long_streams(tf: dict[str, Any]) -> None:
+    (balancer,) = resources(tf, "oci_load_balancer_load_balancer").values()
+    assert hcl_string(balancer["shape"]) == "flexible"
+    assert balancer["is_private"] is False
+    (backend_set,) = resources(tf, "oci_load_balancer_backend_set").values()
+    check = backend_set["health_checker"][0]
+    assert hcl_string(check["protocol"]) == "HTTP"
+    assert hcl_string(check["url_path"]) == "/health/ready"
+    assert check["return_code"] == 200
+    assert check["interval_ms"] == "${var.health_check_interval_ms}"
+    assert check["timeout_in_millis"] == "${var.health_check_timeout_ms}"
+    assert check["retries"] == "${var.health_check_retries}"
+    listeners = resources(tf, "oci_load_balancer_listener")
+    for listener in listeners.values():
+        idle = listener["connection_configuration"][0]["idle_timeout_in_seconds"]
+        assert idle == "${var.listener_idle_timeout_seconds}"
+    assert default(tf, "listener_idle_timeout_seconds") >= 300
+
+
+def test_nodes_take_port_80_from_the_balancer_only(tf: dict[str, Any]) -> None:
+    rules = resources(tf, "oci_core_network_security_group_security_rule")
+    to_nodes = [
+        r
+        for r in rules.values()
+        if r["network_security_group_id"] == "${oci_core_network_security_group.nodes.id}"
+        and hcl_string(r["direction"]) == "INGRESS"
+    ]
+    assert len(to_nodes) == 1
+    (rule,) = to_nodes
+    assert rule["source"] == "${oci_core_network_security_group.lb.id}"
+    assert hcl_string(rule["source_type"]) == "NETWORK_SECURITY_GROUP"
+    ports = rule["tcp_options"][0]["destination_port_range"][0]
+    assert ports["min"] == ports["max"] == 80
+    subnets = resources(tf, "oci_core_subnet")
+    assert subnets["nodes"]["prohibit_public_ip_on_vnic"] is True
+    assert subnets["lb"]["prohibit_public_ip_on_vnic"] is False
+    # The VCN's default security list (used by both subnets) lets nothing in but ICMP 3/4.
+    (default_list,) = resources(tf, "oci_core_default_security_list").values()
+    assert [hcl_string(r["protocol"]) for r in default_list["ingress_security_rules"]] == ["1"]
+
+
+def test_user_data_is_the_repository_cloud_init_with_three_lines_set(tf: dict[str, Any]) -> None:
+    local = locals_(tf)
+    path = hcl_string(local["cloud_init_path"]).replace("${path.module}", str(MODULE))
+    assert Path(path).resolve() == ROOT / "cloud-init.yaml"
+    # user_data = replace(...(file(cloud_init_path), each edit's pattern and text)...), in order.
+    expected = "file(local.cloud_init_path)"
+    for key in local["user_data_edits"]:
+        edit = f"local.user_data_edits.{key}"
+        expected = f"replace({expected},{edit}.pattern,{edit}.text)"
+    assert compact(local["user_data"]) == "${" + expected + "}"
+    (config,) = resources(tf, "oci_core_instance_configuration").values()
+    metadata = config["instance_details"][0]["launch_details"][0]["metadata"]
+    assert metadata["user_data"] == "${base64encode(local.user_data)}"
+
+    cloud_init = (ROOT / "cloud-init.yaml").read_text()
+    for key, edit in local["user_data_edits"].items():
+        found = re.findall(hcl_string(edit["pattern"])[1:-1], cloud_init)
+        assert len(found) == edit["count"], f"{key}: {found}"
+
+    # With the defaults: cloud-init.yaml itself, but for the balancer's subnet.
+    defaults = {
+        "model": default(tf, "model"),
+        "appliance_version": default(tf, "appliance_version"),
+        "lb_subnet_cidr": default(tf, "lb_subnet_cidr"),
+    }
+    assert defaults["appliance_version"] == importlib.metadata.version("gguf-appliance")
+    rendered = render_user_data(tf, defaults)
+    changed = [
+        (a, b)
+        for a, b in zip(cloud_init.splitlines(), rendered.splitlines(), strict=True)
+        if a != b
+    ]
+    assert changed == [("      LB_SUBNET=10.0.0.0/16", "      LB_SUBNET=10.0.1.0/24")]
+
+    # With other values: exactly the model, the two version lines and the subnet change.
+    chosen = {
+        "model": "hf://acme/smol-GGUF/smol.Q4_0.gguf@main",
+        "appliance_version": "0.2.1",
+        "lb_subnet_cidr": "10.9.1.0/24",
+    }
+    rendered = render_user_data(tf, chosen)
+    assert len(rendered.splitlines()) == len(cloud_init.splitlines())
+    changed_lines = [
+        b.strip()
+        for a, b in zip(cloud_init.splitlines(), rendered.splitlines(), strict=True)
+        if a != b
+    ]
+    assert changed_lines == [
+        "GGUF_APPLIANCE_MODEL=hf://acme/smol-GGUF/smol.Q4_0.gguf@main",
+        "GGUF_APPLIANCE_PACKAGE=gguf-appliance==0.2.1",
+        "LB_SUBNET=10.9.1.0/24",
+        "gguf-appliance==0.2.1",
+    ]
+    assert len(base64.b64encode(rendered.encode())) < METADATA_LIMIT
+
+
+def test_rendered_user_data_passes_the_cloud_init_schema(
+    tf: dict[str, Any], tmp_path: Path
+) -> None:
+    rendered = tmp_path / "user-data.yaml"
+    rendered.write_text(
+        render_user_data(
+            tf,
+            {
+                "model": "https://objectstorage.example.com/p/x/n/ns/b/models/o/model.gguf",
+                "appliance_version": "0.1.0",
+                "lb_subnet_cidr": "10.0.1.0/24",
+            },
+        )
+    )
+    result = subprocess.run(
+        ["cloud-init", "schema", "-c", str(rendered)], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_variable_validations_guard_the_user_data(tf: dict[str, Any]) -> None:
+    # What becomes a line of the user data may not break it: no white space, no '$'.
+    (check,) = variables(tf)["model"]["validation"]
+    pattern = re.search(r'regex\("(.*)",var\.model\)', compact(check["condition"]))
+    assert pattern
+    model_re = json.loads(f'"{pattern[1]}"')
+    assert re.fullmatch(model_re, default(tf, "model"))
+    for bad in ("hf://a/b.gguf\nGGUF_APPLIANCE_API_KEYS=", "hf://a/$1.gguf", "ftp://x/y.gguf"):
+        assert not re.fullmatch(model_re, bad), bad
+
+
+def run_checkov(module: Path) -> dict[str, Any]:
+    assert CHECKOV.exists(), f"{CHECKOV} is missing: `make test` builds it (or `make checkov`)"
+    result = subprocess.run(
+        [
+            str(CHECKOV),
+            *("-d", str(module), "--framework", "terraform"),
+            *("--skip-download", "--compact", "-o", "json"),
+        ],
+        capture_output=True,
+        text=True,
+        # No network: no Prisma Cloud download, no update check against PyPI.
+        env={**os.environ, "CKV_SKIP_PACKAGE_UPDATE_CHECK": "true"},
+        timeout=120,
+    )
+    assert result.returncode in (0, 1), result.stderr
+    report: dict[str, Any] = json.loads(result.stdout)
+    return report
+
+
+def test_checkov_finds_nothing_and_every_skip_says_why() -> None:
+    report = run_checkov(MODULE)
+    results = report["results"]
+    assert results["failed_checks"] == [], [
+        (c["check_id"], c["resource"]) for c in results["failed_checks"]
+    ]
+    assert results["parsing_errors"] == []
+    assert report["summary"]["resource_count"] >= 20
+    assert len(results["passed_checks"]) >= 5
+    for skipped in results["skipped_checks"]:
+        reason = skipped["check_result"].get("suppress_comment", "")
+        assert len(reason) > 30, f"{skipped['check_id']} on {skipped['resource']}: no reason"
+
+
+def test_checkov_would_catch_ssh_open_to_the_world(tmp_path: Path) -> None:
+    # The scan is live: the same module with SSH open to everyone fails it.
+    module = tmp_path / "oci"
+    shutil.copytree(MODULE, module)
+    (module / "ssh.tf").write_text(
+        'resource "oci_core_network_security_group_security_rule" "ssh" {\n'
+        "  network_security_group_id = oci_core_network_security_group.nodes.id\n"
+        '  direction = "INGRESS"\n'
+        '  protocol  = "6"\n'
+        '  source    = "0.0.0.0/0"\n'
+        "  tcp_options {\n"
+        "    destination_port_range {\n"
+        "      min = 22\n"
+        "      max = 22\n"
+        "    }\n"
+        "  }\n"
+        "}\n"
+    )
+    failed = run_checkov(module)["results"]["failed_checks"]
+    assert "CKV_OCI_22" in {c["check_id"] for c in failed}
+
+
+def test_output_is_the_balancers_public_address(tf: dict[str, Any]) -> None:
+    outputs = {unquote(n): body for block in tf["output"] for n, body in block.items()}
+    value = compact(outputs["load_balancer_ip"]["value"])
+    assert "oci_load_balancer_load_balancer.pool.ip_address_details" in value
+    assert "ifip.is_public" in value
