@@ -95,7 +95,8 @@ def test_a_token_event_survives_any_chunking(text: str, at: list[int]) -> None:
 
 
 @given(
-    st.lists(st.text(alphabet=st.characters(exclude_characters="\r\n")), min_size=1), line_breaks
+    st.lists(st.text(alphabet=st.characters(codec="utf-8", exclude_characters="\r\n")), min_size=1),
+    line_breaks,
 )
 def test_multi_line_data_comes_back_joined_by_newlines(lines: list[str], br: str) -> None:
     frame = ServerSentEvent(br.join(lines), event="x").encode().decode()
