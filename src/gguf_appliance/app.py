@@ -22,7 +22,7 @@ from starlette.staticfiles import StaticFiles
 
 from . import openai_api
 from .access import RequestMiddleware, error_response
-from .engine import Engine, engine_config
+from .engine import Engine, engine_config, load_configured_model
 from .errors import ApplianceError, ModelError
 from .generate import generate
 from .keys import ApiKeys
@@ -30,7 +30,7 @@ from .metrics import Metrics
 from .openapi import openapi_document
 from .resources import static_dir
 from .settings import Settings
-from .sources import fetch_model, resolve_source
+from .sources import resolve_source
 from .systemd import SystemdNotifier
 
 log = logging.getLogger("gguf_appliance.app")
@@ -109,15 +109,8 @@ def create_app(settings: Settings) -> Starlette:
 
     async def load_model() -> None:
         try:
-            info = await asyncio.to_thread(
-                fetch_model,
-                settings.model,
-                settings.models_dir,
-                sha256=settings.model_sha256,
-                progress_interval=settings.progress_interval,
-            )
-            await asyncio.to_thread(engine.load, info.path)
-            notifier.notify("READY=1", f"STATUS=serving {info.path.name}")
+            path = await load_configured_model(engine, settings)
+            notifier.notify("READY=1", f"STATUS=serving {path.name}")
         except Exception as exc:
             # A bad model is not a crash: the node stays up, says why on /health/ready and in
             # `systemctl status`, and the balancer keeps it out. Restarting would not help.

@@ -27,11 +27,10 @@ from .batch_backends import (
     RowFailed,
 )
 from .batch_io import ResultWriter, Row, read_rows, storage_options
-from .engine import Engine, engine_config
+from .engine import Engine, engine_config, load_configured_model
 from .errors import InvalidRequest
 from .progress import progress_class
 from .settings import Settings
-from .sources import fetch_model
 
 log = logging.getLogger("gguf_appliance.batch")
 
@@ -466,14 +465,7 @@ async def run_batch(opts: BatchOptions, settings: Settings) -> JobSummary:
             concurrency = opts.concurrency or 8
         else:
             engine = Engine(engine_config(settings))
-            info = await asyncio.to_thread(
-                fetch_model,
-                settings.model,
-                settings.models_dir,
-                sha256=settings.model_sha256,
-                progress_interval=settings.progress_interval,
-            )
-            await asyncio.to_thread(engine.load, info.path)
+            await load_configured_model(engine, settings)
             backend = EngineBackend(engine, settings.request_timeout)
             concurrency = opts.concurrency or settings.n_slots
         return await run_job(

@@ -34,6 +34,7 @@ __all__ = [
     "GenerationParams",
     "TokenEvent",
     "engine_config",
+    "load_configured_model",
 ]
 
 log = logging.getLogger("gguf_appliance.engine")
@@ -51,6 +52,21 @@ def engine_config(settings: Settings) -> EngineConfig:
         prefill_chunk=settings.prefill_chunk,
         reuse_prefix=settings.reuse_prefix,
     )
+
+
+async def load_configured_model(engine: Engine, settings: Settings) -> Path:
+    """Fetch (or find) and verify the settings' model, then load it; both off the event loop."""
+    from .sources import fetch_model
+
+    info = await asyncio.to_thread(
+        fetch_model,
+        settings.model,
+        settings.models_dir,
+        sha256=settings.model_sha256,
+        progress_interval=settings.progress_interval,
+    )
+    await asyncio.to_thread(engine.load, info.path)
+    return info.path
 
 
 class Generation:
