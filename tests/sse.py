@@ -53,7 +53,7 @@ class EventStreamParser:
             self._event, self._data = "", []
             return (event, "\n".join(data)) if data else None
         if line.startswith(":"):
-            return None  # a comment: sse-starlette's pings
+            return None  # a comment: the keep-alive pings
         field, _, value = line.partition(":")
         value = value.removeprefix(" ")
         if field == "event":

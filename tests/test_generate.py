@@ -125,3 +125,28 @@ def test_full_queue_gets_503_with_retry_after(start_server: Any) -> None:
     time.sleep(0.3)
     again = httpx.post(node.url("/generate"), json={"prompt": "hi", "max_tokens": 2}, timeout=30)
     assert again.status_code == 200
+
+
+def test_a_queued_stream_gets_keepalive_pings_and_leaving_frees_its_place(
+    start_server: Any,
+) -> None:
+    node = start_server(n_slots=1, queue_size=1, ping_interval=0.3)
+    with slot_held(node):
+        body = {"prompt": "hello", "max_tokens": 4}
+        with httpx.stream("POST", node.url("/generate"), json=body, timeout=30) as response:
+            assert response.status_code == 200
+            started = time.monotonic()
+            lines = response.iter_lines()
+            pings = 0
+            while pings < 3:
+                line = next(lines)
+                assert not line.startswith("event:"), "the queued request was answered early"
+                pings += line == ": ping"
+            assert time.monotonic() - started < 3
+            assert node.metric("gguf_appliance_queue_depth") == 1
+        # Left while queued: its place in the queue is free again without waiting for a slot.
+        deadline = time.monotonic() + 5
+        while node.metric("gguf_appliance_queue_depth") and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert node.metric("gguf_appliance_queue_depth") == 0
+        assert node.metric("gguf_appliance_busy_slots") == 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -48,7 +49,7 @@ def test_page_and_ready_check_through_nginx(proxy: RunningNginx) -> None:
     assert ready.status_code == 200 and ready.json()["status"] == "ready"
 
 
-def test_generate_streams_through_nginx_token_by_token(proxy: RunningNginx) -> None:
+def test_generate_streams_through_nginx_as_it_decodes(proxy: RunningNginx) -> None:
     body = {"messages": STORY, "max_tokens": 200, "temperature": 0.7, "seed": 5}
     started = time.perf_counter()
     arrivals = []
@@ -62,10 +63,13 @@ def test_generate_streams_through_nginx_token_by_token(proxy: RunningNginx) -> N
                 arrivals.append(time.perf_counter() - started)
             if line.startswith("event: done"):
                 finished = time.perf_counter() - started
-    assert len(arrivals) >= 100
-    # Unbuffered: the first token comes long before the last, and they trickle in.
+    # The node sends text every STREAM_INTERVAL (0.02 s): 200 tokens at 100-200 tok/s make
+    # 50-100 events. Unbuffered, they trickle in as they are sent, not in a few bursts.
+    assert len(arrivals) >= 30
     assert arrivals[0] < 0.25 * finished
     assert arrivals[len(arrivals) // 2] < 0.75 * finished
+    gaps = sorted(b - a for a, b in itertools.pairwise(arrivals))
+    assert gaps[len(gaps) // 2] < 0.1, gaps
 
 
 def test_openai_client_through_nginx(proxy: RunningNginx) -> None:

@@ -15,9 +15,9 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from playwright.sync_api import Browser, Page, Route, expect, sync_playwright
-from sse_starlette import ServerSentEvent
 
 from gguf_appliance.generate import event_json
+from gguf_appliance.sse import PING, frame
 
 from .conftest import RunningServer, slot_held
 from .sse import cut_at
@@ -260,10 +260,8 @@ def test_the_page_reads_events_however_the_network_cuts_the_stream(
     )
     @example(texts=["日本", "🙂", "a\r\nb"], cuts=[2, 13, 14, 27])
     def reads_every_event(texts: list[str], cuts: list[int]) -> None:
-        frames = b"".join(
-            ServerSentEvent(event_json({"text": t}), event="token").encode() for t in texts
-        )
-        frames += b": ping\r\n\r\n"
+        frames = b"".join(frame(event_json({"text": t}), "token") for t in texts)
+        frames += PING
         # Cut anywhere, also inside a CRLF or a character's bytes, as TCP and proxies may.
         chunks = [list(piece) for piece in cut_at(frames, cuts)]
         events = page.evaluate(

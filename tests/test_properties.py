@@ -8,9 +8,9 @@ from collections.abc import Sequence
 
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
-from sse_starlette import ServerSentEvent
 
 from gguf_appliance.generate import event_json
+from gguf_appliance.sse import PING, frame
 from gguf_appliance.textstream import TextStream
 
 from .sse import cut_at, parse
@@ -86,8 +86,8 @@ line_breaks = st.sampled_from(["\r\n", "\r", "\n"])
 @example("line\nbreak\r\nand\rcr", [3, 11])
 @example("\u2028\u2029\x85 separators", [1])
 def test_a_token_event_survives_any_chunking(text: str, at: list[int]) -> None:
-    frame = ServerSentEvent(event_json({"text": text}), event="token").encode().decode()
-    events = parse(cut_at(frame, at))
+    encoded = frame(event_json({"text": text}), "token").decode()
+    events = parse(cut_at(encoded, at))
     assert len(events) == 1
     event, data = events[0]
     assert event == "token"
@@ -99,8 +99,8 @@ def test_a_token_event_survives_any_chunking(text: str, at: list[int]) -> None:
     line_breaks,
 )
 def test_multi_line_data_comes_back_joined_by_newlines(lines: list[str], br: str) -> None:
-    frame = ServerSentEvent(br.join(lines), event="x").encode().decode()
-    assert parse([frame]) == [("x", "\n".join(lines))]
+    encoded = frame(br.join(lines), "x").decode()
+    assert parse([encoded]) == [("x", "\n".join(lines))]
 
 
 @given(token_text)
@@ -109,8 +109,8 @@ def test_multi_line_data_comes_back_joined_by_newlines(lines: list[str], br: str
 def test_a_client_that_splits_lines_like_python_also_reads_every_token(text: str) -> None:
     # httpx's iter_lines (and str.splitlines) also break at U+2028, U+2029, U+0085 and more:
     # the server's JSON escapes those, so such clients read each event whole too.
-    frame = ServerSentEvent(event_json({"text": text}), event="token").encode().decode()
-    data = [line[6:] for line in frame.splitlines() if line.startswith("data: ")]
+    encoded = frame(event_json({"text": text}), "token").decode()
+    data = [line[6:] for line in encoded.splitlines() if line.startswith("data: ")]
     assert len(data) == 1
     assert json.loads(data[0]) == {"text": text}
 
@@ -118,10 +118,8 @@ def test_a_client_that_splits_lines_like_python_also_reads_every_token(text: str
 @settings(max_examples=50)
 @given(st.lists(token_text, max_size=6), cuts)
 def test_a_whole_stream_of_events_parses_back_in_order(texts: list[str], at: list[int]) -> None:
-    frames = "".join(
-        ServerSentEvent(event_json({"text": t}), event="token").encode().decode() for t in texts
-    )
-    frames += ": ping\r\n\r\n" + ServerSentEvent("[DONE]").encode().decode()
+    frames = "".join(frame(event_json({"text": t}), "token").decode() for t in texts)
+    frames += PING.decode() + frame("[DONE]").decode()
     events = parse(cut_at(frames, at))
     assert [json.loads(d)["text"] for e, d in events if e == "token"] == texts
     assert events[-1] == ("message", "[DONE]")

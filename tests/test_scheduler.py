@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -196,3 +197,36 @@ def test_an_unparsable_grammar_is_refused_at_submit(batch_engine: Engine) -> Non
     bad = GenerationParams(max_tokens=4, sampling=SamplingParams(grammar='root ::= "a'))
     with pytest.raises(InvalidRequest, match="grammar"):
         batch_engine.submit(prompt, bad, timeout=10)
+
+
+def test_stream_interval_groups_tokens_into_fewer_events_with_the_same_text(
+    model_path: Path, batch_engine: Engine
+) -> None:
+    """STREAM_INTERVAL: text decoded between two events goes out in one; nothing changes."""
+    prompt = batch_engine.tokenize_messages(chat("Write a long story about a lighthouse."))
+
+    async def timed(engine: Engine) -> tuple[list[tuple[float, str]], DoneEvent]:
+        events: list[tuple[float, str]] = []
+        async for event in engine.submit(prompt, greedy(64), timeout=120).events():
+            if isinstance(event, TokenEvent):
+                events.append((asyncio.get_running_loop().time(), event.text))
+            elif isinstance(event, DoneEvent):
+                return events, event
+        raise AssertionError("no done event")
+
+    every_token, done = asyncio.run(timed(batch_engine))
+    assert done.completion_tokens == 64 and len(every_token) >= 60  # an event per token
+
+    grouping = make_engine(model_path, n_ctx=2048, stream_interval=0.1)
+    try:
+        grouped, grouped_done = asyncio.run(timed(grouping))
+    finally:
+        grouping.close()
+    assert grouped_done.completion_tokens == 64
+    assert "".join(t for _, t in grouped) == "".join(t for _, t in every_token)
+    # The first token goes out alone and at once; then events at least ~0.1 s apart, but the
+    # last, which carries what was left at the end.
+    assert grouped[0][1] == every_token[0][1]
+    assert 3 <= len(grouped) <= 2 + grouped_done.duration / 0.1
+    gaps = [b - a for (a, _), (b, _) in itertools.pairwise(grouped[:-1])]
+    assert min(gaps) >= 0.08, gaps

@@ -12,7 +12,7 @@ import contextlib
 import itertools
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -51,6 +51,7 @@ def engine_config(settings: Settings) -> EngineConfig:
         retry_after=settings.retry_after,
         prefill_chunk=settings.prefill_chunk,
         reuse_prefix=settings.reuse_prefix,
+        stream_interval=settings.stream_interval,
     )
 
 
@@ -82,13 +83,39 @@ class Generation:
         self.outcome: DoneEvent | ErrorEvent | None = None
 
     async def events(self) -> AsyncIterator[Event]:
-        while self.outcome is None:
-            event = await self._job.events.get()
-            if isinstance(event, TokenEvent):
-                self.text.append(event.text)
-            else:
-                self.outcome = event
-            yield event
+        async for event in self._events(None):
+            if event is not None:
+                yield event
+
+    def stream(self, ping: float) -> AsyncGenerator[Event | None, None]:
+        """The events, with a None in between every `ping` seconds (a keep-alive is due)."""
+        return self._events(ping)
+
+    async def _events(self, ping: float | None) -> AsyncGenerator[Event | None, None]:
+        queue = self._job.events
+        timer: asyncio.TimerHandle | None = None
+
+        def tick() -> None:
+            nonlocal timer
+            queue.put_nowait(None)
+            timer = self._job.loop.call_later(ping or 0, tick)
+
+        if ping:
+            timer = self._job.loop.call_later(ping, tick)
+        try:
+            while self.outcome is None:
+                event = await queue.get()
+                if isinstance(event, TokenEvent):
+                    self.text.append(event.text)
+                elif event is None:
+                    if timer is None:
+                        continue  # left by an earlier stream's timer
+                else:
+                    self.outcome = event
+                yield event
+        finally:
+            if timer is not None:
+                timer.cancel()
 
     def cancel(self) -> None:
         self._scheduler.cancel(self._job)

@@ -10,17 +10,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
-from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
-from .engine import DoneEvent, Engine, ErrorEvent, Generation, GenerationParams, TokenEvent
+from .engine import DoneEvent, Engine, Event, Generation, GenerationParams, TokenEvent
 from .errors import ApplianceError, BodyTooLarge, ClientDisconnected, PromptTooLong
 from .schemas import GenerateRequest, parse_body
 from .settings import Settings
+from .sse import EventStreamResponse, frame
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -96,21 +96,16 @@ async def collect(request: Request, generation: Generation) -> tuple[str, DoneEv
     return "".join(parts), consumer.result()
 
 
-async def guarded(generation: Generation, events: AsyncIterator[Any]) -> AsyncIterator[Any]:
-    """Pass `events` through; whatever ends the stream early (a disconnect) cancels the work."""
-    try:
-        async for item in events:
-            yield item
-    finally:
-        generation.cancel()
-
-
-def sse_response(generation: Generation, events: AsyncIterator[Any]) -> Response:
+def sse_response(
+    request: Request, generation: Generation, render: Callable[[Event], bytes]
+) -> Response:
     # X-Accel-Buffering: NGINX must pass each event on at once, whatever its site file says.
-    return EventSourceResponse(
-        guarded(generation, events),
+    settings: Settings = request.app.state.settings
+    return EventStreamResponse(
+        generation,
+        render,
         headers={"X-Accel-Buffering": "no", "Cache-Control": "no-cache"},
-        ping=15,
+        ping=settings.ping_interval,
     )
 
 
@@ -124,14 +119,12 @@ def event_json(data: dict[str, Any]) -> str:
     return json.dumps(data, ensure_ascii=False, separators=(",", ":")).translate(_LINE_SEPARATORS)
 
 
-async def _generate_events(generation: Generation) -> AsyncIterator[ServerSentEvent]:
-    async for event in generation.events():
-        if isinstance(event, TokenEvent):
-            yield ServerSentEvent(event_json({"text": event.text}), event="token")
-        elif isinstance(event, DoneEvent):
-            yield ServerSentEvent(event_json(done_payload(event)), event="done")
-        elif isinstance(event, ErrorEvent):
-            yield ServerSentEvent(event_json(error_payload(event.error)), event="error")
+def _render_event(event: Event) -> bytes:
+    if isinstance(event, TokenEvent):
+        return frame(event_json({"text": event.text}), "token")
+    if isinstance(event, DoneEvent):
+        return frame(event_json(done_payload(event)), "done")
+    return frame(event_json(error_payload(event.error)), "error")
 
 
 def done_payload(done: DoneEvent) -> dict[str, Any]:
@@ -165,4 +158,4 @@ async def generate(request: Request) -> Response:
     else:
         prompt = body.prompt or ""
         generation = start(request, lambda e: e.tokenize_prompt(prompt), params)
-    return sse_response(generation, _generate_events(generation))
+    return sse_response(request, generation, _render_event)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from dataclasses import dataclass, field
 
@@ -52,14 +51,10 @@ class Job:
     params: GenerationParams
     deadline: float
     loop: asyncio.AbstractEventLoop
-    events: asyncio.Queue[Event] = field(default_factory=asyncio.Queue)
+    events: asyncio.Queue[Event | None] = field(default_factory=asyncio.Queue)  # None: a ping
     submitted: float = field(default_factory=time.monotonic)
     cancelled: bool = False
     abort: ApplianceError | None = None  # set with `cancelled` when the node ends the job
-
-    def emit(self, event: Event) -> None:
-        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is listening
-            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
 
     def ended_in_queue(self, reason: str, now: float) -> DoneEvent:
         waited = now - self.submitted

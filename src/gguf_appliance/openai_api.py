@@ -5,17 +5,18 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import Callable
 from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from .engine import DoneEvent, Engine, ErrorEvent, Generation, TokenEvent
+from .engine import DoneEvent, Engine, Event, TokenEvent
 from .errors import ApplianceError, NotFound
 from .generate import collect, event_json, read_body, sse_response, start
 from .schemas import ChatCompletionRequest, CompletionRequest, parse_body
 from .settings import Settings
+from .sse import frame
 
 
 def model_id(request: Request) -> str:
@@ -55,23 +56,21 @@ def openai_error_body(error: ApplianceError) -> dict[str, Any]:
     }
 
 
-async def _stream(
-    generation: Generation,
-    base: dict[str, Any],
-    chunk: Any,
-    include_usage: bool,
-) -> AsyncIterator[str]:
+def _renderer(base: dict[str, Any], chunk: Any, include_usage: bool) -> Callable[[Event], bytes]:
     """OpenAI's streaming frames: `data: {chunk}` lines, then `data: [DONE]`."""
-    async for event in generation.events():
+
+    def render(event: Event) -> bytes:
         if isinstance(event, TokenEvent):
-            yield event_json({**base, "choices": [chunk(event.text, None)]})
-        elif isinstance(event, DoneEvent):
-            yield json.dumps({**base, "choices": [chunk(None, finish_reason(event))]})
+            return frame(event_json({**base, "choices": [chunk(event.text, None)]}))
+        if isinstance(event, DoneEvent):
+            frames = [frame(json.dumps({**base, "choices": [chunk(None, finish_reason(event))]}))]
             if include_usage:
-                yield json.dumps({**base, "choices": [], "usage": usage(event)})
-            yield "[DONE]"
-        elif isinstance(event, ErrorEvent):
-            yield json.dumps(openai_error_body(event.error))
+                frames.append(frame(json.dumps({**base, "choices": [], "usage": usage(event)})))
+            frames.append(frame("[DONE]"))
+            return b"".join(frames)
+        return frame(json.dumps(openai_error_body(event.error)))
+
+    return render
 
 
 async def chat_completions(request: Request) -> Response:
@@ -103,8 +102,7 @@ async def chat_completions(request: Request) -> Response:
                 first = False
             return {"index": 0, "delta": delta, "finish_reason": reason}
 
-        events = _stream(generation, base, chunk, body.include_usage)
-        return sse_response(generation, events)
+        return sse_response(request, generation, _renderer(base, chunk, body.include_usage))
     text, done = await collect(request, generation)
     return JSONResponse(
         {
@@ -143,8 +141,7 @@ async def completions(request: Request) -> Response:
         def chunk(text: str | None, reason: str | None) -> dict[str, Any]:
             return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": reason}
 
-        events = _stream(generation, base, chunk, body.include_usage)
-        return sse_response(generation, events)
+        return sse_response(request, generation, _renderer(base, chunk, body.include_usage))
     text, done = await collect(request, generation)
     return JSONResponse(
         {

@@ -10,6 +10,8 @@ with the same tokens (a chat's next turn) takes that slot and evaluates only wha
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import threading
 import time
@@ -19,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import ApplianceError, QueueFull, Unavailable
-from .jobs import DoneEvent, ErrorEvent, Job, TokenEvent
+from .jobs import DoneEvent, ErrorEvent, Event, Job, TokenEvent
 from .llama import Batch, LlamaModel
 from .textstream import TextStream
 
@@ -49,6 +51,8 @@ class Slot:
     started: float = 0.0
     first_token_at: float | None = None
     batch_index: int = -1  # where this slot's logits are in the current batch
+    unsent: list[str] = field(default_factory=list)  # text held for the next token event
+    sent_at: float = 0.0
 
     @property
     def prefilling(self) -> bool:
@@ -68,6 +72,7 @@ class EngineConfig:
     retry_after: int
     prefill_chunk: int = 64
     reuse_prefix: bool = True
+    stream_interval: float = 0.0  # seconds between a stream's token events (0: every token)
 
 
 class SlotScheduler:
@@ -87,6 +92,7 @@ class SlotScheduler:
         self._waiting: deque[Job] = deque()
         self.slots = [Slot(seq=i) for i in range(config.n_slots)]
         self._stop = False
+        self._outbox: list[tuple[Job, Event]] = []
         self._thread = threading.Thread(target=self._run, name="gguf-scheduler", daemon=True)
 
     # --- called from the event loop ---
@@ -145,6 +151,7 @@ class SlotScheduler:
                 with self._cond:
                     self._admit()
                     while not self._stop and not any(s.job for s in self.slots):
+                        self._deliver()
                         self._cond.wait()
                         self._admit()
                     if self._stop:
@@ -158,6 +165,7 @@ class SlotScheduler:
                             self._fail(slot, Unavailable(f"generation failed: {exc}"))
                         self.model.forget(slot.seq, 0)
                         slot.cache.clear()
+                self._deliver()
         finally:
             stopped = Unavailable("the engine stopped")
             for slot in self.slots:
@@ -165,8 +173,24 @@ class SlotScheduler:
                     self._fail(slot, stopped)
             with self._cond:
                 while self._waiting:
-                    self._waiting.popleft().emit(ErrorEvent(stopped))
+                    self._emit(self._waiting.popleft(), ErrorEvent(stopped))
+            self._deliver()
             batch.free()
+
+    def _emit(self, job: Job, event: Event) -> None:
+        self._outbox.append((job, event))
+
+    def _deliver(self) -> None:
+        """Hand this step's events to their event loops: one wake-up per loop, not per event."""
+        if not self._outbox:
+            return
+        outbox, self._outbox = self._outbox, []
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Job, Event]]] = {}
+        for job, event in outbox:
+            by_loop.setdefault(job.loop, []).append((job, event))
+        for loop, items in by_loop.items():
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is listening
+                loop.call_soon_threadsafe(_put_all, items)
 
     def _admit(self) -> None:
         """Give free slots to waiting jobs, FIFO; drop jobs cancelled or expired meanwhile."""
@@ -174,7 +198,7 @@ class SlotScheduler:
         for job in list(self._waiting):
             if job.abort is not None:
                 self._waiting.remove(job)
-                job.emit(ErrorEvent(job.abort))
+                self._emit(job, ErrorEvent(job.abort))
             elif job.cancelled or now >= job.deadline:
                 self._waiting.remove(job)
                 self._done(
@@ -204,6 +228,8 @@ class SlotScheduler:
         slot.generated = 0
         slot.started = now
         slot.first_token_at = None
+        slot.unsent.clear()
+        slot.sent_at = 0.0
         self.cached_tokens_total += keep
 
     def _step(self, batch: Batch) -> None:
@@ -269,7 +295,10 @@ class SlotScheduler:
         slot.last_token = token
         text = slot.text.push(model.piece(token))
         if text:
-            job.emit(TokenEvent(text))
+            slot.unsent.append(text)
+            # The first text at once; later text at most every stream_interval, in one event.
+            if now - slot.sent_at >= self.config.stream_interval:
+                self._send_text(slot, now)
         if slot.text.stopped:
             self._finish(slot, "stop", now)
         elif slot.generated >= job.params.max_tokens or len(slot.cache) + 1 >= model.n_ctx_seq:
@@ -281,7 +310,8 @@ class SlotScheduler:
         if reason in ("stop", "length"):
             rest = slot.text.flush()
             if rest:
-                job.emit(TokenEvent(rest))
+                slot.unsent.append(rest)
+        self._send_text(slot, now)
         first = slot.first_token_at
         rate = None
         if first is not None and slot.generated > 1 and now > first:
@@ -299,16 +329,24 @@ class SlotScheduler:
         self._release(slot, now)  # before the event: whoever sees "done" sees the slot free
         self._done(job, done)
 
+    def _send_text(self, slot: Slot, now: float) -> None:
+        if slot.unsent and slot.job is not None:
+            self._emit(slot.job, TokenEvent("".join(slot.unsent)))
+            slot.unsent.clear()
+        slot.sent_at = now
+
     def _done(self, job: Job, done: DoneEvent) -> None:
         if self.on_done is not None:
             self.on_done(done)
-        job.emit(done)
+        self._emit(job, done)
 
     def _fail(self, slot: Slot, error: ApplianceError) -> None:
         job = slot.job
         assert job is not None
-        self._release(slot, time.monotonic())
-        job.emit(ErrorEvent(error))
+        now = time.monotonic()
+        self._send_text(slot, now)  # what was generated before the error is not lost
+        self._release(slot, now)
+        self._emit(job, ErrorEvent(error))
 
     def _release(self, slot: Slot, now: float) -> None:
         if slot.sampler is not None:
@@ -317,3 +355,8 @@ class SlotScheduler:
         slot.sampler = None
         slot.text = None
         slot.last_used = now
+
+
+def _put_all(items: list[tuple[Job, Event]]) -> None:
+    for job, event in items:
+        job.events.put_nowait(event)

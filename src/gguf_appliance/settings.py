@@ -99,6 +99,21 @@ class Settings(BaseSettings):
         True,
         description="Keep each slot's KV after a request; a prompt that starts alike reuses it.",
     )
+    stream_interval: float = Field(
+        0.02,
+        ge=0,
+        le=1,
+        description=(
+            "Seconds between a stream's token events: text decoded meanwhile goes in one event "
+            "(0: an event per token)."
+        ),
+    )
+    ping_interval: float = Field(
+        15.0,
+        ge=0.1,
+        le=3600,
+        description="Seconds between keep-alive comments on a stream that sends nothing else.",
+    )
     threads: int = Field(
         default_factory=physical_cores,
         ge=1,
