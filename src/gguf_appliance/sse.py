@@ -64,11 +64,15 @@ class EventStreamResponse(Response):
             gone = True
             generation.cancel()  # its events end within a decode step, and with them the loop
 
-        await send(
-            {"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers}
-        )
         watcher = asyncio.ensure_future(watch())
         try:
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": self.status_code,
+                    "headers": self.raw_headers,
+                }
+            )
             async with contextlib.aclosing(generation.stream(self.ping)) as events:
                 async for event in events:
                     if gone:
