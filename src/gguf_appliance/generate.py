@@ -1,6 +1,7 @@
 """POST /generate: the chat page's endpoint, streamed as server-sent events.
 
-Events: `token` ({"text"}), then one `done` ({"finish_reason", "prompt_tokens",
+Events: `token` ({"text"}: the first token's text, then what was decoded in each
+STREAM_INTERVAL), then one `done` ({"finish_reason", "prompt_tokens",
 "completion_tokens", "time_to_first_token", "tokens_per_second", ...}) or one `error`
 ({"message", "code", "status"}).
 """

@@ -192,8 +192,9 @@ _RESPONSES: list[type[BaseModel]] = [
 ]
 
 _GENERATE_STREAM = """\
-Server-sent events: `token` events (`{"text": ...}`, the answer's next piece, never a broken \
-character or part of a stop string), then one `done` event (`{"finish_reason", \
+Server-sent events: `token` events (`{"text": ...}`, the answer's next piece: the first token \
+at once, then what was decoded in the last STREAM_INTERVAL; never a broken character or part \
+of a stop string), then one `done` event (`{"finish_reason", \
 "prompt_tokens", "cached_tokens", "completion_tokens", "time_to_first_token", \
 "tokens_per_second", "queue_seconds", "duration"}`) or one `error` event (`{"message", "code", \
 "status"}`) if the node failed mid-answer."""
