@@ -281,50 +281,44 @@ class ReferenceLoop:
     batch are the limit for 8 streams. Only decoding is timed (prompts are read first).
     """
 
-    def __init__(self, model: Path, threads: int) -> None:
+    def __init__(self, model: Path, threads: int, max_sequences: int = max(CONCURRENCY)) -> None:
         from gguf_appliance.llama import Batch, LlamaModel
 
         self.llm = LlamaModel(
-            model,
-            n_ctx=N_CTX * max(CONCURRENCY),
-            n_seq=max(CONCURRENCY),
-            n_batch=512,
-            threads=threads,
+            model, n_ctx=N_CTX * max_sequences, n_seq=max_sequences, n_batch=512, threads=threads
         )
-        self.batch = Batch(512)
+        self.batch = Batch(512 + max_sequences)
         self.prompts = [
-            self.llm.chat_prompt([{"role": "user", "content": f"Write a long story about {t}."}])
-            for t in TOPICS
+            self.llm.chat_prompt(
+                [{"role": "user", "content": f"Write a long story about {TOPICS[i % 8]} ({i})."}]
+            )
+            for i in range(max_sequences)
         ]
 
     def rate(self, sequences: int = 1, tokens: int = 128) -> float:
-        import llama_cpp as C
-
         from gguf_appliance.llama import SamplingParams
 
         llm, batch = self.llm, self.batch
         seqs = range(sequences)
         samplers = [llm.new_sampler(SamplingParams(temperature=0.0)) for _ in seqs]
-        batch.clear()
-        last = {}
-        for s in seqs:
+        next_token, position, index = {}, {}, {}
+        for s in seqs:  # one prompt at a time: all of them may not fit one batch
             llm.forget(s, 0)
+            batch.clear()
             prompt = self.prompts[s]
             for i, token in enumerate(prompt):
-                last[s] = batch.add(token, i, s, i == len(prompt) - 1)
-        llm.decode(batch)
-        # llama.cpp's own sampler call, as a plain loop over the C API would make it.
-        next_token = {s: C.llama_sampler_sample(samplers[s], llm.ctx, last[s]) for s in seqs}
-        position = {s: len(self.prompts[s]) for s in seqs}
+                batch.add(token, i, s, i == len(prompt) - 1)
+            llm.decode(batch)
+            next_token[s], position[s] = llm.sample(samplers[s], batch.n - 1), len(prompt)
         started = time.perf_counter()
         for _ in range(tokens):
             batch.clear()
             for s in seqs:
-                last[s] = batch.add(next_token[s], position[s], s, True)
+                index[s] = batch.add(next_token[s], position[s], s, True)
                 position[s] += 1
             llm.decode(batch)
             for s in seqs:
-                next_token[s] = C.llama_sampler_sample(samplers[s], llm.ctx, last[s])
+                next_token[s] = llm.sample(samplers[s], index[s])  # llama_sampler_sample
                 llm.piece(next_token[s])
         elapsed = time.perf_counter() - started
         for sampler in samplers:
