@@ -171,6 +171,11 @@ class Settings(BaseSettings):
         description="Largest prompt in tokens (default: the context less one); a longer one gets "
         "400.",
     )
+    allow_grammar: bool = Field(
+        True,
+        description="Accept raw GBNF grammars in a request's `grammar` field (JSON schemas in "
+        "`response_format` stay allowed); off, such a request gets 400.",
+    )
     api_keys: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="Bearer keys required on /generate and /v1 (comma-separated); with no keys "
