@@ -30,7 +30,7 @@ from .metrics import Metrics
 from .openapi import openapi_document
 from .resources import static_dir
 from .settings import Settings
-from .sources import resolve_source
+from .sources import redact_source, resolve_source
 from .systemd import SystemdNotifier
 
 log = logging.getLogger("gguf_appliance.app")
@@ -91,7 +91,7 @@ def _model_id(settings: Settings) -> str:
     try:
         name = resolve_source(settings.model, settings.models_dir).name
     except ModelError:
-        name = settings.model.rstrip("/").rsplit("/", 1)[-1]
+        name = redact_source(settings.model).rstrip("/").rsplit("/", 1)[-1]
     return name.removesuffix(".gguf")
 
 

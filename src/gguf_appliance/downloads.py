@@ -2,7 +2,9 @@
 
 Both write next to the destination (`NAME.part`, or huggingface_hub's own cache) and leave it to
 the caller to verify and move the file into place. Every failure a user can cause becomes a
-`ModelError` with one line saying what to do.
+`ModelError` with one line saying what to do; one that may pass (the network, a server's 5xx) is
+a `FetchUnavailable`, so the fetch unit retries it and nothing else. A URL is only ever shown
+redacted (`redact_source`), in our messages and in httpx's own log lines.
 """
 
 from __future__ import annotations
@@ -21,11 +23,31 @@ from tqdm.std import tqdm as Tqdm
 
 from .errors import ModelError
 from .progress import new_bar
+from .sources import redact_source
 
 log = logging.getLogger("gguf_appliance.fetch")
 
 _ATTEMPTS = 5  # tries per file while each one still brings new bytes
 _CHUNK = 1 << 20
+
+
+class FetchUnavailable(ModelError):
+    """The network or the server failed; the same fetch may work later."""
+
+
+class _RedactUrls(logging.Filter):
+    """httpx logs each request's URL at INFO: show it as redact_source does."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(
+                redact_source(str(arg)) if isinstance(arg, httpx.URL) else arg
+                for arg in record.args
+            )
+        return True
+
+
+_REDACT_URLS = _RedactUrls()
 
 
 def disk_error(exc: OSError, where: Path) -> ModelError:
@@ -44,30 +66,44 @@ def _total_from(response: httpx.Response, offset: int) -> int | None:
 
 
 def _http_failure(url: str, status: int) -> ModelError:
-    host = urlparse(url).netloc
+    shown = redact_source(url)
+    host = urlparse(url).hostname
     if status in (401, 403):
         return ModelError(
             f"access denied (HTTP {status}) by {host}: the URL needs credentials, or a "
             f"pre-authenticated request has expired"
         )
     if status == 404:
-        return ModelError(f"not found (HTTP 404): {url}")
-    return ModelError(f"HTTP {status} from {host} for {url}")
+        return ModelError(f"not found (HTTP 404): {shown}")
+    if status in (408, 429) or status >= 500:
+        return FetchUnavailable(f"HTTP {status} from {host} for {shown}; try again later")
+    return ModelError(f"HTTP {status} from {host} for {shown}")
 
 
-def download_url(url: str, part: Path, progress: type[Tqdm[Any]]) -> None:
+def download_url(url: str, part: Path, progress: type[Tqdm[Any]], *, https_only: bool) -> None:
     """Download `url` into `part`, resuming from what `part` already holds.
 
-    Redirects are followed (object storage pre-authenticated requests, CDNs). A transfer that
-    breaks off is resumed with a Range request as long as each attempt brings new bytes.
+    Redirects are followed (object storage pre-authenticated requests, CDNs), to https:// only
+    when `https_only` (no sha256 protects the file). A transfer that breaks off is resumed with
+    a Range request as long as each attempt brings new bytes.
     """
     part.parent.mkdir(parents=True, exist_ok=True)
     name = part.name.removesuffix(".part")
     timeout = httpx.Timeout(30.0, read=120.0)
     attempts_left = _ATTEMPTS
     bar = None
+    logging.getLogger("httpx").addFilter(_REDACT_URLS)  # added once: filters are a set
+
+    def refuse_plain_http(request: httpx.Request) -> None:
+        if https_only and request.url.scheme != "https":
+            raise ModelError(
+                f"refusing plain http:// without a sha256 ({redact_source(str(request.url))}, "
+                f"reached from {redact_source(url)}): give the file's sha256"
+            )
+
+    hooks = {"request": [refuse_plain_http]}
     try:
-        with httpx.Client(follow_redirects=True, timeout=timeout) as client:
+        with httpx.Client(follow_redirects=True, timeout=timeout, event_hooks=hooks) as client:
             while True:
                 have = part.stat().st_size if part.exists() else 0
                 headers = {"Range": f"bytes={have}-"} if have else {}
@@ -102,12 +138,16 @@ def download_url(url: str, part: Path, progress: type[Tqdm[Any]]) -> None:
                     attempts_left = _ATTEMPTS if grew else attempts_left - 1
                     if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout):
                         if attempts_left <= 0:
-                            host = urlparse(url).netloc
-                            raise ModelError(f"cannot reach {host}: {exc}") from None
+                            host = urlparse(url).hostname
+                            raise FetchUnavailable(f"cannot reach {host}: {exc}") from None
                     elif attempts_left <= 0:
-                        raise ModelError(f"the download of {url} keeps failing: {exc}") from None
+                        raise FetchUnavailable(
+                            f"the download of {redact_source(url)} keeps failing: {exc}"
+                        ) from None
                     log.warning("%s: transfer interrupted (%s); resuming", name, exc)
                     time.sleep(min(2.0, 0.2 * (_ATTEMPTS - attempts_left + 1)))
+    except (httpx.InvalidURL, httpx.TooManyRedirects) as exc:
+        raise ModelError(f"cannot download {redact_source(url)}: {exc}") from None
     except OSError as exc:
         part.unlink(missing_ok=True)
         raise disk_error(exc, part) from None
@@ -128,6 +168,7 @@ def download_from_hub(
     from huggingface_hub import errors as hf
 
     endpoint = os.environ.get("HF_ENDPOINT") or constants.ENDPOINT
+    shown_endpoint = redact_source(endpoint)
     where = f"{filename} in {repo_id}" + (f" at {revision}" if revision else "")
     try:
         url = hf_hub_url(repo_id, filename, revision=revision, endpoint=endpoint)
@@ -154,13 +195,14 @@ def download_from_hub(
     except hf.EntryNotFoundError:
         raise ModelError(f"file not found: {where}") from None
     except hf.HfHubHTTPError as exc:
-        status = exc.response.status_code if exc.response is not None else "?"
-        raise ModelError(f"the Hub answered HTTP {status} for {where}") from None
+        status = exc.response.status_code if exc.response is not None else 0
+        error = FetchUnavailable if status in (0, 408, 429) or status >= 500 else ModelError
+        raise error(f"the Hub answered HTTP {status or '?'} for {where}") from None
     except OSError as exc:
         if exc.errno is not None:
             raise disk_error(exc, cache_dir) from None
-        raise ModelError(f"cannot reach the Hub at {endpoint}: {exc}") from None
+        raise FetchUnavailable(f"cannot reach the Hub at {shown_endpoint}: {exc}") from None
     except Exception as exc:  # httpx transport errors reach us under several names
-        raise ModelError(f"cannot reach the Hub at {endpoint}: {exc}") from None
+        raise FetchUnavailable(f"cannot reach the Hub at {shown_endpoint}: {exc}") from None
     etag = (metadata.etag or "").strip('"').lower()
     return Path(path), etag if re.fullmatch(r"[0-9a-f]{64}", etag) else None

