@@ -62,9 +62,14 @@ def output_lines(path: Path) -> list[dict[str, Any]]:
 
 
 def assert_each_row_once(lines: list[dict[str, Any]], ids: list[Any]) -> None:
-    counts = Counter(line["id"] for line in lines)
-    assert sorted(counts, key=str) == sorted(ids, key=str)
+    counts = Counter(json.dumps(line["id"]) for line in lines)
+    assert sorted(counts) == sorted(json.dumps(i) for i in ids)
     assert max(counts.values()) == 1, [k for k, v in counts.items() if v > 1]
+
+
+def unreachable() -> tuple[str, ...]:
+    # No node on this port: every call fails at once, so a job that should not run shows.
+    return ("--target", f"http://127.0.0.1:{free_port()}", "--retries", "0")
 
 
 # --- reading and writing (no model) ---
@@ -77,11 +82,11 @@ def test_rows_from_jsonl_keep_going_past_malformed_lines(tmp_path: Path) -> None
         extra_lines=("{not json", "[1, 2]"),
     )
     rows = list(read_rows(str(path)))
-    assert [r.id for r in rows] == ["a", 2, 3, 4]
+    assert [r.id for r in rows] == ["a", {"line": 2}, {"line": 3}, {"line": 4}]
     assert rows[0].fields == {"id": "a", "text": "x"} and rows[0].error is None
     assert "not valid JSON" in (rows[1].error or "")
     assert "not a JSON object" in (rows[2].error or "")
-    assert rows[3].fields == {"text": "no id"}  # no id field: its line number
+    assert rows[3].fields == {"text": "no id"}  # no id field: known by its line
 
 
 def test_rows_from_gzipped_csv_and_a_short_row(tmp_path: Path) -> None:
@@ -93,7 +98,7 @@ def test_rows_from_gzipped_csv_and_a_short_row(tmp_path: Path) -> None:
         writer.writerow(["r2"])
         writer.writerow(["r3", "Bad"])
     rows = list(read_rows(str(path), id_field="review_id"))
-    assert [r.id for r in rows] == ["r1", 2, "r3"]
+    assert [r.id for r in rows] == ["r1", {"row": 2}, "r3"]
     assert rows[0].fields["body"] == "Great, with a comma, inside"
     assert "has 1 fields; the header has 2" in (rows[1].error or "")
 
@@ -122,6 +127,18 @@ def test_the_writer_resumes_and_drops_a_line_cut_by_a_crash(tmp_path: Path) -> N
     assert [line["id"] for line in output_lines(out)] == [1, "1", 3]
 
 
+def test_two_rows_with_one_id_stop_the_job_before_it_starts(tmp_path: Path) -> None:
+    src = write_jsonl(
+        tmp_path / "in.jsonl",
+        [{"id": "a", "text": "Great."}, {"id": "b", "text": "Fine."}, {"id": "a", "text": "Bad."}],
+    )
+    out = tmp_path / "out.jsonl"
+    result, _ = run_batch(str(src), str(out), "--task", "sentiment", *unreachable())
+    assert result.returncode == 1, result.stderr
+    assert 'the input has the id "a" twice, on line 1 and on line 3' in result.stderr
+    assert not out.exists()
+
+
 def test_split_text_respects_the_limit_and_keeps_every_word() -> None:
     text = "\n\n".join(
         f"Paragraph {i}. " + " ".join(f"word{i}_{j}." for j in range(40)) for i in range(12)
@@ -147,16 +164,17 @@ def test_sentiment_in_process_over_300_reviews(tmp_path: Path) -> None:
     result, summary = run_batch(str(src), str(out), "--task", "sentiment")
     assert result.returncode == 3, result.stderr  # one malformed row: reported, the rest done
     lines = output_lines(out)
-    assert_each_row_once(lines, [r["id"] for r in reviews] + [151])
+    assert_each_row_once(lines, [r["id"] for r in reviews] + [{"line": 151}])
     failed = [line for line in lines if line.get("error")]
-    assert [line["id"] for line in failed] == [151] and "not valid JSON" in failed[0]["error"]
+    assert [line["id"] for line in failed] == [{"line": 151}]
+    assert "not valid JSON" in failed[0]["error"]
     truth = {r["id"]: r["label"] for r in reviews}
-    answers = {line["id"]: line["result"] for line in lines if line["id"] in truth}
+    answers = {line["id"]: line["result"] for line in lines if not line.get("error")}
     assert set(answers.values()) <= LABELS
     right = sum(answers[k] == truth[k] for k in truth) / len(truth)
     assert right >= 0.7, right  # measured 0.89 on this model; chance is 0.5
     assert summary["ok"] == 300 and summary["failed"] == 1
-    assert all(line["tokens"]["completion"] >= 1 for line in lines if line["id"] in truth)
+    assert all(line["tokens"]["completion"] >= 1 for line in lines if not line.get("error"))
     assert "rows/s" in result.stderr and "300 ok, 1 failed" in result.stderr
 
 
@@ -185,6 +203,25 @@ def test_a_killed_job_rerun_gives_every_row_once(tmp_path: Path) -> None:
     assert summary["skipped"] == done_before
     assert summary["ok"] == 160 - done_before
     assert_each_row_once(output_lines(out), [r["id"] for r in reviews])
+
+
+def test_a_row_without_an_id_never_takes_another_rows_id(
+    server: RunningServer, tmp_path: Path
+) -> None:
+    # Line 2 has no id; the row on line 1 has the id 2. Both get their line.
+    src = write_jsonl(tmp_path / "in.jsonl", [{"id": 2, "text": "I loved it."}, {"text": "Awful."}])
+    out = tmp_path / "out.jsonl"
+    args = (str(src), str(out), "--task", "sentiment", "--target", server.base_url)
+    result, summary = run_batch(*args)
+    assert result.returncode == 0, result.stderr
+    assert summary["ok"] == 2
+    lines = output_lines(out)
+    assert_each_row_once(lines, [2, {"line": 2}])
+    assert {line["result"] for line in lines} <= LABELS
+    result, summary = run_batch(*args)  # a rerun knows both rows by their ids
+    assert result.returncode == 0, result.stderr
+    assert summary["skipped"] == 2 and summary["ok"] == 0
+    assert output_lines(out) == lines
 
 
 def test_sentiment_through_a_node_over_http(server: RunningServer, tmp_path: Path) -> None:

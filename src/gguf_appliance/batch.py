@@ -1,9 +1,10 @@
 """Batch jobs: one task per row of a data set, through an in-process engine or a node's API.
 
-A job reads rows (batch_io), skips the ones its output already holds, runs at most
-`concurrency` model calls at once, and writes each row's line as soon as the row is done. The
-model is reached through a `Backend`: the engine in this process, or `/v1/chat/completions` on a
-node or a load balancer, retried with backoff on 429, 503 and lost connections.
+A job reads rows (batch_io), refuses an input where two rows share an id, skips the rows its
+output already holds, runs at most `concurrency` model calls at once, and writes each row's line
+as soon as the row is done. The model is reached through a `Backend`: the engine in this process,
+or `/v1/chat/completions` on a node or a load balancer, retried with backoff on 429, 503 and lost
+connections.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from .batch_backends import (
     HttpBackend,
     RowFailed,
 )
-from .batch_io import ResultWriter, Row, read_rows, storage_options
+from .batch_io import BatchInputError, ResultWriter, Row, read_rows, storage_options
 from .engine import Engine, engine_config, load_configured_model
 from .errors import InvalidRequest
 from .progress import progress_class
@@ -261,7 +262,6 @@ class JobSummary:
     ok: int = 0
     failed: int = 0
     skipped: int = 0  # in the output already (a rerun)
-    duplicates: int = 0  # an id seen earlier in the input: not run twice
     prompt_tokens: int = 0
     completion_tokens: int = 0
     retries: int = 0
@@ -286,7 +286,7 @@ class JobSummary:
     def line(self) -> str:
         return (
             f"{self.ok + self.failed} rows in {self.seconds:.1f} s: {self.ok} ok, "
-            f"{self.failed} failed, {self.skipped} already done, {self.duplicates} duplicate ids; "
+            f"{self.failed} failed, {self.skipped} already done; "
             f"{self.rows_per_second:.2f} rows/s, {self.tokens_per_second:.0f} tokens/s "
             f"({self.prompt_tokens} prompt + {self.completion_tokens} generated), "
             f"{self.retries} retries"
@@ -307,7 +307,7 @@ async def run_job(
     limited = Limited(backend, concurrency)
     started = time.monotonic()
     retries_before = backend.retries
-    seen: set[str] = set()
+    places: dict[str, str] = {}
     bar = progress_class(progress_interval, log)(
         total=total, desc="batch", unit="row", dynamic_ncols=True
     )
@@ -340,17 +340,11 @@ async def run_job(
     try:
         async for row in _rows(rows):
             summary.rows += 1
+            check_id(places, row)  # run_batch checked the input; this one may have changed since
             if row.key in writer.done:
                 summary.skipped += 1
                 bar.update(1)
                 continue
-            if row.key in seen:
-                summary.duplicates += 1
-                log.warning(
-                    "row id %s appears again in the input; the later row is left out", row.id
-                )
-                continue
-            seen.add(row.key)
             while len(pending) >= concurrency:
                 done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
                 _reraise(done)
@@ -373,6 +367,24 @@ def _reraise(done: set[asyncio.Task[None]]) -> None:
     for task in done:
         if not task.cancelled() and task.exception() is not None:
             raise task.exception()  # type: ignore[misc]
+
+
+def check_id(places: dict[str, str], row: Row) -> None:
+    """Note where `row`'s id is; a second row with it would take the first one's output line."""
+    first = places.setdefault(row.key, row.place)
+    if first != row.place:
+        raise BatchInputError(
+            f"the input has the id {json.dumps(row.id)} twice, on {first} and on {row.place}; "
+            "every row needs an id of its own"
+        )
+
+
+def count_rows(rows: Iterable[Row]) -> int:
+    """The input's rows, every id checked before any row runs."""
+    places: dict[str, str] = {}
+    for row in rows:
+        check_id(places, row)
+    return len(places)
 
 
 async def _rows(rows: Iterable[Row]) -> AsyncIterator[Row]:
@@ -443,7 +455,8 @@ async def run_batch(opts: BatchOptions, settings: Settings) -> JobSummary:
     def rows() -> Iterator[Row]:
         return read_rows(opts.input, fmt=opts.format, id_field=opts.id_field, options=in_options)
 
-    total = await asyncio.to_thread(lambda: sum(1 for _ in rows()))
+    # Before the output is opened: a job that cannot run leaves no file behind.
+    total = await asyncio.to_thread(lambda: count_rows(rows()))
     writer = ResultWriter(
         opts.output,
         options=storage_options(opts.output, opts.endpoint_url),

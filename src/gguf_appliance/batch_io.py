@@ -39,7 +39,10 @@ class BatchInputError(ApplianceError):
 
 @dataclass
 class Row:
-    id: Any  # a JSON value: the row's id field, else its number in the input (1-based)
+    # The row's id field (a string or a number), else {"line": n} (JSONL) or {"row": n} (CSV):
+    # an object, which no id field can hold, so a row's own number never takes another's id.
+    id: Any
+    place: str  # where the row is, for messages: "line 3", "row 3", a document's path
     fields: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
 
@@ -113,11 +116,12 @@ def read_rows(
             yield from _read_csv(text, id_field, dialect)
 
 
-def _with_id(number: int, fields: dict[str, Any], id_field: str) -> Row:
-    row_id = fields.get(id_field)
-    if row_id is None or isinstance(row_id, (dict, list)):
-        row_id = number
-    return Row(id=row_id, fields=fields)
+def _with_id(own_id: dict[str, int], place: str, fields: dict[str, Any], row_id: Any) -> Row:
+    if row_id is None:
+        return Row(id=own_id, place=place, fields=fields)
+    if isinstance(row_id, (dict, list)):
+        return Row(id=own_id, place=place, error=f"{place}: its id is not a string or a number")
+    return Row(id=row_id, place=place, fields=fields)
 
 
 def _read_jsonl(text: IO[str], id_field: str) -> Iterator[Row]:
@@ -127,22 +131,24 @@ def _read_jsonl(text: IO[str], id_field: str) -> Iterator[Row]:
             line = text.readline()
         except UnicodeDecodeError as exc:
             number += 1
-            yield Row(id=number, error=f"line {number} is not UTF-8: {exc.reason}")
+            place = f"line {number}"
+            yield Row({"line": number}, place, error=f"{place} is not UTF-8: {exc.reason}")
             return  # the decoder cannot resynchronise; stop here rather than guess
         if not line:
             return
         number += 1
+        place = f"line {number}"
         if not line.strip():
             continue
         try:
             data = json.loads(line)
         except json.JSONDecodeError as exc:
-            yield Row(id=number, error=f"line {number} is not valid JSON: {exc.msg}")
+            yield Row({"line": number}, place, error=f"{place} is not valid JSON: {exc.msg}")
             continue
         if not isinstance(data, dict):
-            yield Row(id=number, error=f"line {number} is not a JSON object")
+            yield Row({"line": number}, place, error=f"{place} is not a JSON object")
             continue
-        yield _with_id(number, data, id_field)
+        yield _with_id({"line": number}, place, data, data.get(id_field))
 
 
 def _read_csv(text: IO[str], id_field: str, dialect: str) -> Iterator[Row]:
@@ -161,20 +167,24 @@ def _read_csv(text: IO[str], id_field: str, dialect: str) -> Iterator[Row]:
             return
         except (csv.Error, UnicodeDecodeError) as exc:
             number += 1
-            yield Row(id=number, error=f"row {number} cannot be read: {exc}")
+            yield Row({"row": number}, f"row {number}", error=f"row {number} cannot be read: {exc}")
             if isinstance(exc, UnicodeDecodeError):
                 return
             continue
         number += 1
+        place = f"row {number}"
         if not values:
             continue
         if len(values) != len(header):
             yield Row(
-                id=number,
-                error=f"row {number} has {len(values)} fields; the header has {len(header)}",
+                {"row": number},
+                place,
+                error=f"{place} has {len(values)} fields; the header has {len(header)}",
             )
             continue
-        yield _with_id(number, dict(zip(header, values, strict=True)), id_field)
+        fields = dict(zip(header, values, strict=True))
+        # CSV has no null: an empty cell is a row without an id.
+        yield _with_id({"row": number}, place, fields, fields.get(id_field) or None)
 
 
 def _read_docs(fs: fsspec.AbstractFileSystem, path: str) -> Iterator[Row]:
@@ -190,9 +200,9 @@ def _read_docs(fs: fsspec.AbstractFileSystem, path: str) -> Iterator[Row]:
             with fs.open(name, "rb", compression="infer") as f:
                 text = f.read().decode("utf-8")
         except UnicodeDecodeError as exc:
-            yield Row(id=relative, error=f"{relative} is not UTF-8: {exc.reason}")
+            yield Row(relative, relative, error=f"{relative} is not UTF-8: {exc.reason}")
             continue
-        yield Row(id=relative, fields={"text": text, "path": relative})
+        yield Row(relative, relative, fields={"text": text, "path": relative})
 
 
 class ResultWriter:
