@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import hashlib
 import signal
 import time
 from pathlib import Path
@@ -9,7 +10,7 @@ import httpx
 import openai
 import pytest
 
-from gguf_appliance.keys import ApiKeys, KeyFileError, read_key_file
+from gguf_appliance.keys import ApiKeys, KeyFileError, key_digest, read_key_file
 
 KEY = "k" * 24
 
@@ -130,7 +131,7 @@ def test_the_key_is_checked_whatever_the_scheme_spelling(start_server: Any) -> N
 def test_key_file_lines(tmp_path: Path) -> None:
     key_file = tmp_path / "keys"
     key_file.write_text("# comment\n\n   \n" + "k" * 16 + "\n  # indented comment\n")
-    assert read_key_file(key_file) == ["k" * 16]
+    assert read_key_file(key_file) == [key_digest("k" * 16)]
     key_file.write_text("k" * 16 + "\nsecret but too short\n")
     with pytest.raises(KeyFileError) as caught:
         read_key_file(key_file)
@@ -139,3 +140,89 @@ def test_key_file_lines(tmp_path: Path) -> None:
     keys = ApiKeys(["s" * 16])
     assert keys.required and keys.authorized(b"Bearer " + b"s" * 16)
     assert not ApiKeys().required
+
+
+def test_a_key_file_line_may_give_the_keys_sha256_instead_of_the_key(tmp_path: Path) -> None:
+    key = "d" * 32
+    key_file = tmp_path / "keys"
+    key_file.write_text(f"sha256:{hashlib.sha256(key.encode()).hexdigest().upper()}\n")
+    keys = ApiKeys(key_file=key_file)
+    assert keys.authorized(f"Bearer {key}".encode())
+    assert not keys.authorized(f"Bearer sha256:{hashlib.sha256(key.encode()).hexdigest()}".encode())
+    key_file.write_text("sha256:abc\n")  # not 64 hex digits: a bad line, never a short key
+    with pytest.raises(KeyFileError, match="line 1"):
+        read_key_file(key_file)
+
+
+COMMENTS_ONLY = "# the team's keys: none yet\n\n"
+
+
+def test_a_key_file_with_no_key_is_refused_unless_the_api_is_meant_to_be_open(
+    tmp_path: Path,
+) -> None:
+    key_file = tmp_path / "keys"
+    for text in ("", COMMENTS_ONLY):
+        key_file.write_text(text)
+        with pytest.raises(KeyFileError, match="holds no key"):
+            ApiKeys(key_file=key_file)
+    assert ApiKeys(["s" * 16], key_file).required  # the settings' key is in force
+    assert not ApiKeys(key_file=key_file, open_api=True).required
+
+
+def test_a_reload_never_opens_the_api_unless_it_is_meant_to_be_open(tmp_path: Path) -> None:
+    key_file = tmp_path / "keys"
+    key_file.write_text("r" * 20 + "\n")
+    keys = ApiKeys(key_file=key_file)
+    for text in ("", COMMENTS_ONLY):
+        key_file.write_text(text)
+        assert not keys.reload()
+        assert keys.required and keys.authorized(b"Bearer " + b"r" * 20)
+    key_file.unlink()
+    assert not keys.reload()
+    assert keys.authorized(b"Bearer " + b"r" * 20)
+
+    key_file.write_text("r" * 20 + "\n")
+    open_keys = ApiKeys(key_file=key_file, open_api=True)
+    key_file.write_text(COMMENTS_ONLY)
+    assert open_keys.reload() and not open_keys.required
+
+
+def test_an_emptied_key_file_keeps_the_keys_in_force_on_sighup(
+    start_server: Any, tmp_path: Path
+) -> None:
+    key_file = tmp_path / "api-keys"
+    key_file.write_text(KEY + "\n")
+    node = start_server(api_key_file=key_file)
+    key_file.write_text(COMMENTS_ONLY)
+    node.process.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 10
+    while "not reloaded" not in node.log() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert "holds no key" in node.log()
+    assert authorized(node, "x" * 24) == 401
+    assert httpx.get(node.url("/v1/models")).status_code == 401
+    assert authorized(node, KEY) == 200
+
+
+def test_a_key_file_with_no_key_stops_the_node(start_server: Any, tmp_path: Path) -> None:
+    key_file = tmp_path / "api-keys"
+    key_file.write_text(COMMENTS_ONLY)
+    node = start_server(ready=False, api_key_file=key_file)
+    assert node.process.wait(timeout=30) == 2
+    assert f"the API key file {key_file} holds no key" in node.log()
+    assert "Traceback" not in node.log()
+
+
+def test_a_node_with_no_key_listens_beyond_loopback_only_if_the_api_is_meant_to_be_open(
+    start_server: Any,
+) -> None:
+    refused = start_server(ready=False, host="0.0.0.0")
+    assert refused.process.wait(timeout=30) == 2
+    assert "no API key, and the node listens on 0.0.0.0" in refused.log()
+    assert "GGUF_APPLIANCE_OPEN_API=true" in refused.log()
+    assert "Traceback" not in refused.log()
+
+    keyed = start_server(host="0.0.0.0", api_keys=KEY)
+    assert httpx.get(keyed.url("/v1/models")).status_code == 401
+    open_node = start_server(host="0.0.0.0", open_api="true")
+    assert httpx.get(open_node.url("/v1/models")).status_code == 200

@@ -75,3 +75,9 @@ def test_threads_default_to_the_physical_cores() -> None:
 def test_every_setting_has_a_description() -> None:
     for name, field in Settings.model_fields.items():
         assert field.description, name
+
+
+def test_an_open_api_is_off_unless_set(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert Settings().open_api is False
+    monkeypatch.setenv("GGUF_APPLIANCE_OPEN_API", "true")
+    assert Settings().open_api is True

@@ -1,32 +1,45 @@
 """API keys: the bearer keys a request must carry, from the settings and a key file.
 
-The key file holds one key a line; blank lines and lines starting with `#` are ignored. It is
-read at start (a missing or unreadable file stops the node: an operator who named one meant
-the node to be closed) and again on SIGHUP; a reload that fails keeps the keys in force.
+The key file holds one key a line, or `sha256:HEX`, the SHA-256 of a key (so the file, or the
+user data that writes it, never holds the key itself); blank lines and lines starting with `#`
+are ignored. It is read at start and again on SIGHUP.
+
+Keys fail closed. A node given a key file never serves an open API: a file that is missing,
+unreadable, holds a bad line or holds no key at all stops the node at start, and on SIGHUP
+leaves the keys in force as they were. Only `open_api` lets a node run with no key.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 import logging
+import re
 from collections.abc import Iterable
 from pathlib import Path
 
 log = logging.getLogger("gguf_appliance.keys")
 
 MIN_KEY_LENGTH = 16
+_DIGEST_LINE = re.compile(r"sha256:([0-9a-fA-F]{64})")
 
 
 class KeyFileError(Exception):
-    """The key file cannot be read or holds a bad line (the message names the file and line)."""
+    """The key file cannot be read, holds a bad line or no key (the message names the file)."""
 
 
-def _digest(key: bytes) -> bytes:
-    return hashlib.sha256(key).digest()
+class OpenApiRefused(KeyFileError):
+    """A node that listens beyond loopback has no API key, and open_api is off."""
 
 
-def read_key_file(path: Path) -> list[str]:
+def key_digest(key: str | bytes) -> bytes:
+    """The SHA-256 of a key: what the node keeps and compares (`sha256:` lines give it in hex)."""
+    return hashlib.sha256(key.encode() if isinstance(key, str) else key).digest()
+
+
+def read_key_file(path: Path) -> list[bytes]:
+    """The SHA-256 digests of the file's keys, in the file's order."""
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -35,32 +48,64 @@ def read_key_file(path: Path) -> list[str]:
         raise KeyFileError(f"cannot read the API key file {path}: permission denied") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise KeyFileError(f"cannot read the API key file {path}: {exc}") from None
-    keys = []
+    digests = []
     for number, line in enumerate(text.splitlines(), start=1):
         key = line.strip()
         if not key or key.startswith("#"):
             continue
+        if digest := _DIGEST_LINE.fullmatch(key):
+            digests.append(bytes.fromhex(digest[1]))
+            continue
         if len(key) < MIN_KEY_LENGTH or any(ch.isspace() for ch in key):
             # The line itself is never logged: it may be a real key with a typo.
             raise KeyFileError(
-                f"{path}, line {number}: a key is one word of at least {MIN_KEY_LENGTH} characters"
+                f"{path}, line {number}: a key is one word of at least {MIN_KEY_LENGTH} "
+                "characters, or sha256: and the key's 64 hex digits"
             )
-        keys.append(key)
-    return keys
+        digests.append(key_digest(key))
+    return digests
+
+
+def is_loopback(host: str) -> bool:
+    """True for an address only this machine can reach (127.0.0.0/8, ::1, localhost)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 class ApiKeys:
     """The keys in force. Checks compare SHA-256 digests in constant time, against every key,
-    so neither the time taken nor a key's length tells anything about the keys."""
+    so neither the time taken nor a key's length tells anything about the keys.
 
-    def __init__(self, keys: Iterable[str] = (), key_file: Path | None = None) -> None:
-        self._fixed = tuple(keys)
+    With `open_api` off (the default) a key file that yields no key at all, counting the fixed
+    keys too, is an error at start and a failed reload; with it on, no key means an open API.
+    """
+
+    def __init__(
+        self, keys: Iterable[str] = (), key_file: Path | None = None, *, open_api: bool = False
+    ) -> None:
+        self._fixed = tuple(key_digest(k) for k in keys)
         self.key_file = key_file
+        self.open_api = open_api
         self._digests: tuple[bytes, ...] = ()
-        self._install(read_key_file(key_file) if key_file else [])
+        if key_file is not None:
+            self._install(self._checked(read_key_file(key_file), key_file))
+        else:
+            self._install([])
 
-    def _install(self, from_file: list[str]) -> None:
-        self._digests = tuple(_digest(k.encode()) for k in {*self._fixed, *from_file})
+    def _checked(self, from_file: list[bytes], key_file: Path) -> list[bytes]:
+        if not from_file and not self._fixed and not self.open_api:
+            raise KeyFileError(
+                f"the API key file {key_file} holds no key (only blank and comment lines): "
+                "add one, or set GGUF_APPLIANCE_OPEN_API=true to serve without keys"
+            )
+        return from_file
+
+    def _install(self, from_file: list[bytes]) -> None:
+        self._digests = tuple(dict.fromkeys((*self._fixed, *from_file)))
 
     @property
     def required(self) -> bool:
@@ -75,12 +120,15 @@ class ApiKeys:
             log.info("SIGHUP: no API key file to reload (keys from the settings stay)")
             return False
         try:
-            from_file = read_key_file(self.key_file)
+            from_file = self._checked(read_key_file(self.key_file), self.key_file)
         except KeyFileError as exc:
             log.error("API keys not reloaded, the %d in force stay: %s", len(self), exc)
             return False
         self._install(from_file)
-        log.info("API keys reloaded from %s: %d in force", self.key_file, len(self))
+        if self.required:
+            log.info("API keys reloaded from %s: %d in force", self.key_file, len(self))
+        else:
+            log.warning("API keys reloaded from %s: none, the API is open", self.key_file)
         return True
 
     def authorized(self, authorization: bytes) -> bool:
@@ -88,7 +136,7 @@ class ApiKeys:
         scheme, _, token = authorization.strip().partition(b" ")
         if scheme.lower() != b"bearer":
             return False
-        digest = _digest(token.strip())
+        digest = key_digest(token.strip())
         matched = False
         for known in self._digests:
             matched |= hmac.compare_digest(digest, known)

@@ -4,6 +4,9 @@ On the first SIGTERM (or Ctrl-C) the node drains: /health/ready answers 503 so t
 balancer stops sending, new generation requests get 503, and the streams in flight run to their
 end for at most `drain_timeout` seconds; what is left then ends with an error event. Only then
 does uvicorn close the socket and exit. A second Ctrl-C exits at once.
+
+A node with no API key serves only on loopback (as `make run` does) unless `open_api` says the
+API is meant to be open: anywhere else it would be anyone's.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from starlette.applications import Starlette
 from .app import create_app
 from .engine import Engine
 from .errors import Draining
+from .keys import ApiKeys, OpenApiRefused, is_loopback
 from .settings import Settings
 
 log = logging.getLogger("gguf_appliance.server")
@@ -50,8 +54,25 @@ class DrainingServer(uvicorn.Server):
         return await super().on_tick(counter)
 
 
+def refuse_open_public_api(settings: Settings, keys: ApiKeys) -> None:
+    if keys.required:
+        return
+    where = f"{settings.host}:{settings.port}"
+    if settings.open_api:
+        log.warning("open_api: no API key, the API is open to whoever reaches %s", where)
+    elif is_loopback(settings.host):
+        log.info("no API key: the API is open, on loopback only (%s)", where)
+    else:
+        raise OpenApiRefused(
+            f"no API key, and the node listens on {settings.host}, beyond this machine: set "
+            "GGUF_APPLIANCE_API_KEYS or GGUF_APPLIANCE_API_KEY_FILE, or "
+            "GGUF_APPLIANCE_OPEN_API=true to serve an open API"
+        )
+
+
 def serve(settings: Settings) -> None:
     app: Starlette = create_app(settings)
+    refuse_open_public_api(settings, app.state.api_keys)
     config = uvicorn.Config(
         app,
         host=settings.host,

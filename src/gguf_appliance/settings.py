@@ -178,13 +178,21 @@ class Settings(BaseSettings):
     )
     api_keys: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
-        description="Bearer keys required on /generate and /v1 (comma-separated); with no keys "
-        "here or in the key file the API is open.",
+        description="Bearer keys required on /generate and /v1 (comma-separated). With no key "
+        "here nor in the key file, see open_api.",
     )
     api_key_file: Path | None = Field(
         None,
-        description="File of more bearer keys, one a line (`#` starts a comment line); read again "
-        "on SIGHUP (`systemctl reload gguf-appliance`).",
+        description="File of more bearer keys, one a line (`sha256:HEX`: a key's SHA-256; `#` "
+        "starts a comment line); read again on SIGHUP (`systemctl reload gguf-appliance`). "
+        "Missing, unreadable or holding no key: the node does not start, a reload keeps the "
+        "keys in force.",
+    )
+    open_api: bool = Field(
+        False,
+        description="Serve /generate and /v1 with no API key. Off, a node with no key refuses to "
+        "start, unless no key file is set and it listens on loopback only (127.0.0.1, as "
+        "`make run`); keys, if given, are required either way.",
     )
     health_requires_key: bool = Field(
         False,
