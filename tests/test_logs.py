@@ -65,7 +65,11 @@ def test_one_json_line_per_request_with_its_figures_and_no_prompt(start_server: 
     assert entry["prompt_tokens"] > 5
     assert 1 <= entry["completion_tokens"] <= 12
     httpx.post(node.url("/v1/completions"), json={"prompt": SECRET, "max_tokens": 3}, timeout=30)
-    httpx.post(node.url("/generate"), content=b'{"prompt": "' + SECRET.encode())  # bad JSON: 400
+    httpx.post(
+        node.url("/generate"),
+        content=b'{"prompt": "' + SECRET.encode(),  # bad JSON: 400
+        headers={"content-type": "application/json"},
+    )
     time.sleep(0.5)
     log = node.log_path.read_text()
     assert SECRET not in log

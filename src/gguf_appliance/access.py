@@ -39,6 +39,18 @@ ROUTES = {
 # A client's X-Request-ID is kept when it is a plain token; anything else gets a new id, so the
 # log line stays one parseable line and the header cannot smuggle anything.
 _REQUEST_ID = re.compile(rb"[A-Za-z0-9._:@/+=-]{1,128}")
+# Every response: no MIME sniffing, no framing, no referrer, and a page that runs only its own
+# files (the chat page has no inline script or style) and talks only to its own origin.
+SECURITY_HEADERS = [
+    (b"x-content-type-options", b"nosniff"),
+    (b"x-frame-options", b"DENY"),
+    (b"referrer-policy", b"no-referrer"),
+    (
+        b"content-security-policy",
+        b"default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+        b"connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+    ),
+]
 # How long the log line waits for a disconnected client's generation to end (one decode step,
 # normally; a long prompt chunk on a busy node takes longer).
 _SETTLE_SECONDS = 2.0
@@ -104,6 +116,7 @@ class RequestMiddleware:
                 message["headers"] = [
                     *message.get("headers", []),
                     (b"x-request-id", rid.encode("ascii")),
+                    *SECURITY_HEADERS,
                 ]
             await send(message)
 

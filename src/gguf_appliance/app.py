@@ -123,6 +123,7 @@ def create_app(settings: Settings) -> Starlette:
         notifier.notify("STATUS=loading the model")
         loading = asyncio.create_task(load_model())
         watchdog = asyncio.create_task(notifier.watchdog(engine.healthy))
+        lag = asyncio.create_task(app_metrics.watch_event_loop())
         loop = asyncio.get_running_loop()
         # SIGHUP (`systemctl reload`) re-reads the key file. Signals reach only the main thread.
         hangup = threading.current_thread() is threading.main_thread()
@@ -135,7 +136,7 @@ def create_app(settings: Settings) -> Starlette:
                 loop.remove_signal_handler(signal.SIGHUP)
             notifier.notify("STOPPING=1")
             engine.draining = True
-            for task in (loading, watchdog):
+            for task in (loading, watchdog, lag):
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task

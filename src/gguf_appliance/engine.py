@@ -16,9 +16,9 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import ApplianceError, Draining, InvalidRequest, NotReady, PromptTooLong
+from .errors import ApplianceError, Draining, InvalidRequest, NotReady, PromptTooLong, QueueFull
 from .jobs import DoneEvent, ErrorEvent, Event, GenerationParams, Job, TokenEvent
-from .llama import LlamaModel
+from .llama import GrammarSampler, LlamaModel
 from .scheduler import EngineConfig, SlotScheduler
 
 if TYPE_CHECKING:
@@ -148,6 +148,8 @@ class Engine:
         # Called on the scheduler thread with every finished generation (the metrics use it).
         self.on_done: Callable[[DoneEvent], None] | None = None
         self._ids = itertools.count(1)
+        self._grammar_lock = asyncio.Lock()
+        self._grammar_waiting = 0
 
     # --- life cycle ---
 
@@ -227,8 +229,52 @@ class Engine:
     def tokenize_prompt(self, prompt: str) -> list[int]:
         return self._require_model().text_prompt(prompt)
 
-    def submit(self, prompt: list[int], params: GenerationParams, timeout: float) -> Generation:
-        """Queue a tokenized prompt. Raises at once for what can be known before decoding."""
+    def compile_grammar(self, grammar: str) -> GrammarSampler:
+        """Build a request's grammar and try it on a first token (blocking: run it in a thread,
+        see `prepare_grammar`). The text must have passed `grammar.check_gbnf`."""
+        return self._require_model().grammar_sampler(grammar, self.config.grammar_step_limit)
+
+    async def prepare_grammar(self, grammar: str) -> GrammarSampler:
+        """`compile_grammar` off the event loop, one at a time; 503 when too many wait."""
+        if self._grammar_waiting >= self.config.n_slots + self.config.queue_size:
+            raise QueueFull(
+                "the node is busy building grammars", retry_after=self.config.retry_after
+            )
+        self._grammar_waiting += 1
+        try:
+            async with self._grammar_lock:
+                return await asyncio.to_thread(self.compile_grammar, grammar)
+        finally:
+            self._grammar_waiting -= 1
+
+    def submit(
+        self,
+        prompt: list[int],
+        params: GenerationParams,
+        timeout: float,
+        grammar: GrammarSampler | None = None,
+    ) -> Generation:
+        """Queue a tokenized prompt. Raises at once for what can be known before decoding.
+
+        A request with a grammar passes it built (`prepare_grammar`); if it does not, it is
+        built here, on the caller's thread. The job owns it from here on, also on a refusal.
+        """
+        try:
+            if params.sampling.grammar is not None and grammar is None:
+                grammar = self.compile_grammar(params.sampling.grammar)
+            return self._submit(prompt, params, timeout, grammar)
+        except BaseException:
+            if grammar is not None:
+                grammar.close()
+            raise
+
+    def _submit(
+        self,
+        prompt: list[int],
+        params: GenerationParams,
+        timeout: float,
+        grammar: GrammarSampler | None,
+    ) -> Generation:
         self._require_model()
         scheduler = self.scheduler
         if self.draining or scheduler is None:
@@ -241,8 +287,6 @@ class Engine:
                 f"{self.config.max_tokens_cap}",
                 param="max_tokens",
             )
-        if params.sampling.grammar is not None:
-            self._require_model().check_grammar(params.sampling.grammar)
         room = self.slot_context
         if len(prompt) >= room:
             raise PromptTooLong(
@@ -256,6 +300,7 @@ class Engine:
             params=params,
             deadline=time.monotonic() + timeout,
             loop=asyncio.get_running_loop(),
+            grammar=grammar,
         )
         scheduler.enqueue(job)
         return Generation(scheduler, job)

@@ -32,6 +32,16 @@ class BodyTooLarge(InvalidRequest):
     code = "request_too_large"
 
 
+class UnsupportedMediaType(InvalidRequest):
+    status_code = 415
+    code = "unsupported_media_type"
+
+
+class MisdirectedRequest(InvalidRequest):
+    status_code = 421
+    code = "misdirected_request"
+
+
 class ClientDisconnected(ApplianceError):
     status_code = 499  # NGINX's code for it: logged and counted, never seen by the client
     code = "client_disconnected"

@@ -18,14 +18,30 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
 from .engine import DoneEvent, Engine, Event, Generation, GenerationParams, TokenEvent
-from .errors import ApplianceError, BodyTooLarge, ClientDisconnected, PromptTooLong
-from .schemas import GenerateRequest, parse_body
+from .errors import (
+    ApplianceError,
+    BodyTooLarge,
+    ClientDisconnected,
+    PromptTooLong,
+    UnsupportedMediaType,
+)
+from .schemas import GenerateRequest, Sampling, parse_body
 from .settings import Settings
 from .sse import EventStreamResponse, frame
 
 
 async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refused with 413 past `limit` bytes (also when no length is sent)."""
+    """The request body, refused with 413 past `limit` bytes (also when no length is sent).
+
+    Only JSON is taken: a page on another site can POST a form or text/plain to a node
+    without asking first (no CORS preflight), but not application/json.
+    """
+    media_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if media_type != "application/json":
+        raise UnsupportedMediaType(
+            f"the Content-Type header is {media_type or 'missing'}; send application/json",
+            param="Content-Type",
+        )
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise BodyTooLarge(f"the request body is larger than {limit} bytes")
@@ -41,20 +57,35 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def start(
+async def request_params(request: Request, body: Sampling) -> GenerationParams:
+    """The body's generation parameters. Grammars and JSON schemas are priced and converted
+    here, on a worker thread: that is CPU work the size of the body."""
+    settings: Settings = request.app.state.settings
+    return await asyncio.to_thread(
+        body.generation_params,
+        settings.effective_default_max_tokens,
+        allow_grammar=settings.allow_grammar,
+    )
+
+
+async def start(
     request: Request, tokenize: Callable[[Engine], list[int]], params: GenerationParams
 ) -> Generation:
-    """Tokenize and submit on the app's engine; raises ApplianceError before any response."""
+    """Tokenize, build the grammar (both off the event loop) and submit on the app's engine;
+    raises ApplianceError before any response."""
     engine: Engine = request.app.state.engine
     settings: Settings = request.app.state.settings
-    prompt = tokenize(engine)
+    prompt = await asyncio.to_thread(tokenize, engine)
     limit = settings.max_prompt_tokens
     if limit is not None and len(prompt) > limit:
         raise PromptTooLong(
             f"the prompt has {len(prompt)} tokens; this node takes at most {limit}",
             param="messages",
         )
-    generation = engine.submit(prompt, params, timeout=settings.request_timeout)
+    grammar = None
+    if params.sampling.grammar is not None:
+        grammar = await engine.prepare_grammar(params.sampling.grammar)
+    generation = engine.submit(prompt, params, timeout=settings.request_timeout, grammar=grammar)
     request.state.generation = generation  # for the request's log line
     return generation
 
@@ -152,11 +183,11 @@ def _round(value: float | None, digits: int = 4) -> float | None:
 async def generate(request: Request) -> Response:
     settings: Settings = request.app.state.settings
     body = parse_body(await read_body(request, settings.max_body_bytes), GenerateRequest)
-    params = body.generation_params(settings.effective_default_max_tokens)
+    params = await request_params(request, body)
     if body.messages is not None:
         messages = [m.as_template_message() for m in body.messages]
-        generation = start(request, lambda e: e.tokenize_messages(messages), params)
+        generation = await start(request, lambda e: e.tokenize_messages(messages), params)
     else:
         prompt = body.prompt or ""
-        generation = start(request, lambda e: e.tokenize_prompt(prompt), params)
+        generation = await start(request, lambda e: e.tokenize_prompt(prompt), params)
     return sse_response(request, generation, _render_event)

@@ -7,7 +7,7 @@ import time
 from dataclasses import dataclass, field
 
 from .errors import ApplianceError
-from .llama import SamplingParams
+from .llama import GrammarSampler, SamplingParams
 
 
 @dataclass(frozen=True)
@@ -55,6 +55,12 @@ class Job:
     submitted: float = field(default_factory=time.monotonic)
     cancelled: bool = False
     abort: ApplianceError | None = None  # set with `cancelled` when the node ends the job
+    grammar: GrammarSampler | None = None  # built at submit; freed by the scheduler
+
+    def free_grammar(self) -> None:
+        if self.grammar is not None:
+            self.grammar.close()
+            self.grammar = None
 
     def ended_in_queue(self, reason: str, now: float) -> DoneEvent:
         waited = now - self.submitted

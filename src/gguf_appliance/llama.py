@@ -9,15 +9,20 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import re
+import secrets
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
 import llama_cpp as C
+import numpy as np
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
 from .errors import InvalidRequest, ModelError
+from .grammar import check_gbnf
 
 log = logging.getLogger("gguf_appliance.llama")
 
@@ -88,12 +93,16 @@ class LlamaModel:
         self.n_vocab = int(C.llama_vocab_n_tokens(self.vocab))
         self.n_params = int(C.llama_model_n_params(self.model))
         self._piece_buf = ctypes.create_string_buffer(256)
+        self.end_tokens = [t for t in range(self.n_vocab) if self.is_eog(t)]
         self._chat = self._chat_formatter()
 
     # --- text and tokens (any thread) ---
 
     def tokenize(self, text: str, *, add_special: bool, parse_special: bool) -> list[int]:
-        data = text.encode("utf-8")
+        try:
+            data = text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise InvalidRequest("the text is not valid UTF-8 (a lone surrogate)") from None
         n_max = len(data) + 8
         tokens = (C.llama_token * n_max)()
         n = C.llama_tokenize(self.vocab, data, len(data), tokens, n_max, add_special, parse_special)
@@ -134,39 +143,95 @@ class LlamaModel:
         )
 
     def chat_prompt(self, messages: Sequence[dict[str, Any]]) -> list[int]:
+        """The chat template's tokens, with control tokens only where the template put them.
+
+        The template is rendered with a marker in place of each message's text; the template's
+        own text is tokenized with special tokens parsed (`<|im_start|>` is one control token),
+        each message's text without (a user's `<|im_end|><|im_start|>system` stays plain text
+        and cannot open a turn of another role).
+        """
         if self._chat is None:
             raise InvalidRequest("this model has no chat template: send a prompt, not messages")
+        tag = secrets.token_hex(8)
+        markers: dict[str, str] = {}
+        masked = []
+        for i, message in enumerate(messages):
+            content = message.get("content")
+            if isinstance(content, str) and content:
+                marker = f"\x1f{tag}:{i}\x1f"
+                markers[marker] = content
+                message = {**message, "content": marker}
+            masked.append(message)
         try:
-            rendered = self._chat(messages=cast(Any, list(messages)))
+            rendered = self._chat(messages=cast(Any, masked)).prompt
         except Exception as exc:  # jinja raises TemplateError (and raise_exception's own)
             raise InvalidRequest(f"the chat template rejected the messages: {exc}") from None
         bos = self.token_text(C.llama_vocab_bos(self.vocab))
-        add_special = not (bos and rendered.prompt.startswith(bos))
-        return self.tokenize(rendered.prompt, add_special=add_special, parse_special=True)
+        add_special = not (bos and rendered.startswith(bos))
+        tokens: list[int] = []
+        pattern = re.compile("|".join(re.escape(m) for m in markers)) if markers else None
+        pos = 0
+        for match in pattern.finditer(rendered) if pattern else ():
+            tokens += self.tokenize(
+                rendered[pos : match.start()], add_special=add_special, parse_special=True
+            )
+            tokens += self.tokenize(markers[match.group()], add_special=False, parse_special=False)
+            add_special = False
+            pos = match.end()
+        tokens += self.tokenize(rendered[pos:], add_special=add_special, parse_special=True)
+        return tokens
 
     def text_prompt(self, prompt: str) -> list[int]:
         return self.tokenize(prompt, add_special=True, parse_special=False)
 
     # --- decoding (the worker thread only) ---
 
-    def grammar_sampler(self, grammar: str) -> Any:
-        """A sampler that masks every token the grammar does not allow; None if it won't parse."""
-        sampler = C.llama_sampler_init_grammar(self.vocab, grammar.encode("utf-8"), b"root")
-        return sampler or None
+    def check_grammar(self, grammar: str, param: str = "grammar") -> None:
+        """Raise InvalidRequest unless llama.cpp will take the grammar: within the limits of
+        grammar.check_gbnf, and every `<token>` one token of this model."""
+        for name in check_gbnf(grammar, param=param):
+            if len(self.tokenize(name, add_special=False, parse_special=True)) != 1:
+                raise InvalidRequest(
+                    f"the grammar's {name[:40]} is not one token of this model", param=param
+                )
 
-    def check_grammar(self, grammar: str) -> None:
-        sampler = self.grammar_sampler(grammar)
-        if sampler is None:
-            raise InvalidRequest("llama.cpp could not parse the grammar", param="grammar")
-        C.llama_sampler_free(sampler)
+    def grammar_sampler(self, grammar: str, step_limit: float) -> GrammarSampler:
+        """Build a request's grammar (any thread) and try it on the first token: a grammar
+        that allows no token there is refused now, with a 400, not in the middle of the
+        answer."""
+        self.check_grammar(grammar)
+        pointer = C.llama_sampler_init_grammar(self.vocab, grammar.encode("utf-8"), b"root")
+        if not pointer:
+            raise InvalidRequest(
+                "llama.cpp could not use the grammar (a rule is left-recursive, or a <token> "
+                "is not one token of this model)",
+                param="grammar",
+            )
+        sampler = GrammarSampler(pointer, self.n_vocab, self.end_tokens)
+        try:
+            allowed = sampler.probe()
+        except BaseException:
+            sampler.close()
+            raise
+        if not allowed:
+            sampler.close()
+            raise InvalidRequest(
+                "the grammar allows no token of this model at its start", param="grammar"
+            )
+        if sampler.probe_seconds > step_limit:
+            sampler.close()
+            raise InvalidRequest(
+                f"the grammar takes {sampler.probe_seconds * 1000:.0f} ms of CPU to check one "
+                f"token (at most {step_limit * 1000:.0f} ms: every other request would wait "
+                "for it); use fewer alternatives",
+                param="grammar",
+            )
+        return sampler
 
     def new_sampler(self, params: SamplingParams) -> Any:
+        """The sampler chain of a request, without its grammar (a GrammarSampler runs first)."""
         chain = C.llama_sampler_chain_init(C.llama_sampler_chain_default_params())
         add = C.llama_sampler_chain_add
-        if params.grammar is not None:
-            # First, so every later sampler sees only the tokens the grammar allows. Checked by
-            # the engine at submit time, so it parses here.
-            add(chain, self.grammar_sampler(params.grammar))
         if (params.repeat_penalty, params.frequency_penalty, params.presence_penalty) != (1, 0, 0):
             add(
                 chain,
@@ -198,6 +263,33 @@ class LlamaModel:
 
     def sample(self, sampler: Any, batch_index: int) -> int:
         return int(C.llama_sampler_sample(sampler, self.ctx, batch_index))
+
+    def sample_constrained(
+        self, sampler: Any, grammar: GrammarSampler, batch_index: int, greedy: bool
+    ) -> int:
+        """Sample under a grammar; -1 if the grammar allows no token here.
+
+        As llama.cpp's own server does: sample as if there were no grammar, and keep the token
+        if the grammar allows it (checking one token is cheap); only if not, mask the
+        candidates by the grammar and sample again. Kept tokens follow the grammar-masked
+        distribution all the same. llama_sampler_sample with the grammar in the chain would
+        instead pick a masked token when the grammar allows none, and llama.cpp then aborts
+        the process (GGML_ABORT, or a C++ exception through the C API).
+        """
+        logits = C.llama_get_logits_ith(self.ctx, batch_index)
+        grammar.last_seconds = 0.0
+        candidates = grammar.candidates(logits)
+        C.llama_sampler_apply(sampler, ctypes.byref(candidates))
+        token = int(candidates.data[candidates.selected].id)
+        if not grammar.allows(token):
+            masked = grammar.mask(logits, shortlist=greedy)
+            if masked is None:
+                return -1
+            C.llama_sampler_apply(sampler, ctypes.byref(masked))
+            token = int(masked.data[masked.selected].id)
+        grammar.accept(token)
+        C.llama_sampler_accept(sampler, token)
+        return token
 
     def forget(self, seq: int, start: int) -> bool:
         """Drop the sequence's KV from position `start` on; False if the model cannot."""
@@ -241,3 +333,96 @@ class Batch:
 
     def free(self) -> None:
         C.llama_batch_free(self.raw)
+
+
+class GrammarSampler:
+    """llama.cpp's grammar sampler for one request, applied apart from the rest of the chain.
+
+    llama.cpp checks every candidate against every parse stack: masking the whole vocabulary
+    (49 k tokens for SmolLM2) costs milliseconds for a JSON grammar and a tenth of a second for
+    an enum of 250 strings, on the thread every stream shares. `allows` checks one token;
+    `mask` masks the vocabulary, or for a greedy pick first only the `shortlist` likeliest
+    tokens (the likeliest allowed one is then the same). `last_seconds` is the CPU time the
+    grammar took in this step: the scheduler ends a request whose grammar stalls the rest.
+    """
+
+    def __init__(self, pointer: Any, n_vocab: int, end_tokens: Sequence[int]) -> None:
+        self.pointer = pointer
+        self.n_vocab = n_vocab
+        self.shortlist = min(512, n_vocab)
+        self._end_tokens = np.array(sorted(set(end_tokens)), dtype=np.int64)
+        dtype = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])
+        self._data = np.zeros(n_vocab, dtype=dtype)
+        self._one = np.zeros(1, dtype=dtype)
+        self._ids = np.arange(n_vocab, dtype=np.int32)
+        self._array = self._array_of(self._data)
+        self._one_array = self._array_of(self._one)
+        self.last_seconds = 0.0
+        self.probe_seconds = 0.0
+
+    @staticmethod
+    def _array_of(data: Any) -> Any:
+        return C.llama_token_data_array(
+            data=data.ctypes.data_as(C.llama_token_data_p),
+            size=len(data),
+            selected=-1,
+            sorted=False,
+        )
+
+    def _apply(self, array: Any, data: Any, size: int) -> bool:
+        """Mask the first `size` candidates; True if some token is left."""
+        data["p"][:size] = 0.0
+        array.size = size
+        array.selected = -1
+        array.sorted = False
+        started = time.thread_time()  # CPU time, not the clock: however busy the machine is
+        C.llama_sampler_apply(self.pointer, ctypes.byref(array))
+        self.last_seconds += time.thread_time() - started
+        return bool(np.isfinite(data["logit"][:size]).any())
+
+    def candidates(self, logits: Any) -> Any:
+        """Every token with its logit, unmasked."""
+        self._data["id"] = self._ids
+        self._data["logit"] = np.ctypeslib.as_array(logits, shape=(self.n_vocab,))
+        self._data["p"] = 0.0
+        self._array.size = self.n_vocab
+        self._array.selected = -1
+        self._array.sorted = False
+        return self._array
+
+    def allows(self, token: int) -> bool:
+        self._one[0] = (token, 0.0, 0.0)
+        return self._apply(self._one_array, self._one, 1)
+
+    def mask(self, logits: Any, *, shortlist: bool) -> Any:
+        """The candidates with what the grammar forbids masked; None if it allows none."""
+        scores = np.ctypeslib.as_array(logits, shape=(self.n_vocab,))
+        if shortlist and self.shortlist < self.n_vocab:
+            likeliest = np.argpartition(scores, -self.shortlist)[-self.shortlist :]
+            ids = np.union1d(likeliest, self._end_tokens)
+            n = len(ids)
+            self._data["id"][:n] = ids
+            self._data["logit"][:n] = scores[ids]
+            if self._apply(self._array, self._data, n):
+                return self._array
+        self._data["id"] = self._ids
+        self._data["logit"] = scores
+        return self._array if self._apply(self._array, self._data, self.n_vocab) else None
+
+    def probe(self) -> bool:
+        """Whether the grammar allows any token at its start; `probe_seconds` is what
+        masking the whole vocabulary cost there."""
+        self.last_seconds = 0.0
+        self._data["id"] = self._ids
+        self._data["logit"] = 0.0
+        allowed = self._apply(self._array, self._data, self.n_vocab)
+        self.probe_seconds = self.last_seconds
+        return allowed
+
+    def accept(self, token: int) -> None:
+        C.llama_sampler_accept(self.pointer, token)
+
+    def close(self) -> None:
+        if self.pointer is not None:
+            C.llama_sampler_free(self.pointer)
+            self.pointer = None

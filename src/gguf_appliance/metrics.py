@@ -17,6 +17,7 @@ from prometheus_client.registry import Collector
 from .engine import DoneEvent, Engine
 
 _LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300)
+_LAG_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5)
 _TTFT_BUCKETS = (0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1, 2, 5, 10, 30)
 
 
@@ -73,6 +74,21 @@ class Metrics:
         Gauge(p + "ready", "1 when the node takes requests.", registry=registry).set_function(
             lambda: float(engine.ready and not engine.draining)
         )
+
+        self.loop_lag_seconds = Histogram(
+            p + "event_loop_lag_seconds",
+            "How late the event loop ran a timer due every 10 ms: time it was held by one task.",
+            buckets=_LAG_BUCKETS,
+            registry=registry,
+        )
+
+    async def watch_event_loop(self, interval: float = 0.01) -> None:
+        """Run until cancelled: every `interval`, note how late the loop woke this task."""
+        loop = asyncio.get_running_loop()
+        while True:
+            due = loop.time() + interval
+            await asyncio.sleep(interval)
+            self.loop_lag_seconds.observe(max(0.0, loop.time() - due))
 
     def observe_generation(self, done: DoneEvent) -> None:
         self.generations.labels(done.finish_reason).inc()

@@ -13,7 +13,7 @@ from starlette.responses import JSONResponse, Response
 
 from .engine import DoneEvent, Engine, Event, TokenEvent
 from .errors import ApplianceError, NotFound
-from .generate import collect, event_json, read_body, sse_response, start
+from .generate import collect, event_json, read_body, request_params, sse_response, start
 from .schemas import ChatCompletionRequest, CompletionRequest, parse_body
 from .settings import Settings
 from .sse import frame
@@ -82,9 +82,7 @@ async def chat_completions(request: Request) -> Response:
     def tokenize(engine: Engine) -> list[int]:
         return engine.tokenize_messages(messages)
 
-    generation = start(
-        request, tokenize, body.generation_params(settings.effective_default_max_tokens)
-    )
+    generation = await start(request, tokenize, await request_params(request, body))
     base = {
         "id": "chatcmpl-" + uuid.uuid4().hex,
         "object": "chat.completion.chunk",
@@ -125,10 +123,8 @@ async def completions(request: Request) -> Response:
     body = parse_body(await read_body(request, settings.max_body_bytes), CompletionRequest)
     _check_model(request, body.model)
     prompt = body.prompt_text
-    generation = start(
-        request,
-        lambda engine: engine.tokenize_prompt(prompt),
-        body.generation_params(settings.effective_default_max_tokens),
+    generation = await start(
+        request, lambda engine: engine.tokenize_prompt(prompt), await request_params(request, body)
     )
     base = {
         "id": "cmpl-" + uuid.uuid4().hex,

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import ApplianceError, QueueFull, Unavailable
+from .errors import ApplianceError, InvalidRequest, QueueFull, Unavailable
 from .jobs import DoneEvent, ErrorEvent, Event, Job, TokenEvent
 from .llama import Batch, LlamaModel
 from .textstream import TextStream
@@ -73,6 +73,9 @@ class EngineConfig:
     prefill_chunk: int = 64
     reuse_prefix: bool = True
     stream_interval: float = 0.0  # seconds between a stream's token events (0: every token)
+    # Most seconds a request's grammar may take to check one token: the check runs on the
+    # scheduler thread, so every other stream waits for it.
+    grammar_step_limit: float = 0.25
 
 
 class SlotScheduler:
@@ -173,7 +176,9 @@ class SlotScheduler:
                     self._fail(slot, stopped)
             with self._cond:
                 while self._waiting:
-                    self._emit(self._waiting.popleft(), ErrorEvent(stopped))
+                    job = self._waiting.popleft()
+                    job.free_grammar()
+                    self._emit(job, ErrorEvent(stopped))
             self._deliver()
             batch.free()
 
@@ -198,9 +203,11 @@ class SlotScheduler:
         for job in list(self._waiting):
             if job.abort is not None:
                 self._waiting.remove(job)
+                job.free_grammar()
                 self._emit(job, ErrorEvent(job.abort))
             elif job.cancelled or now >= job.deadline:
                 self._waiting.remove(job)
+                job.free_grammar()
                 self._done(
                     job, job.ended_in_queue("cancelled" if job.cancelled else "timeout", now)
                 )
@@ -277,8 +284,37 @@ class SlotScheduler:
         if status != 0:
             raise RuntimeError(f"llama_decode returned {status}")
         for slot in self.slots:
-            if slot.job is not None and slot.batch_index >= 0:
+            job = slot.job
+            if job is None or slot.batch_index < 0:
+                continue
+            if job.grammar is None:
                 self._accept(slot, model.sample(slot.sampler, slot.batch_index))
+                continue
+            greedy = job.params.sampling.temperature <= 0
+            token = model.sample_constrained(slot.sampler, job.grammar, slot.batch_index, greedy)
+            if token < 0:
+                self._fail(
+                    slot,
+                    InvalidRequest(
+                        "the grammar allows no token of this model after "
+                        f"{slot.generated} token{'' if slot.generated == 1 else 's'} of the answer",
+                        param="grammar",
+                    ),
+                )
+                continue
+            cost = job.grammar.last_seconds
+            if cost > self.config.grammar_step_limit:
+                self._fail(
+                    slot,
+                    InvalidRequest(
+                        f"the grammar took {cost * 1000:.0f} ms of CPU to check one token (at "
+                        f"most {self.config.grammar_step_limit * 1000:.0f} ms: every other "
+                        "request waits for it); use fewer alternatives",
+                        param="grammar",
+                    ),
+                )
+                continue
+            self._accept(slot, token)
 
     def _accept(self, slot: Slot, token: int) -> None:
         model = self.model
@@ -351,6 +387,8 @@ class SlotScheduler:
     def _release(self, slot: Slot, now: float) -> None:
         if slot.sampler is not None:
             LlamaModel.free_sampler(slot.sampler)
+        if slot.job is not None:
+            slot.job.free_grammar()
         slot.job = None
         slot.sampler = None
         slot.text = None

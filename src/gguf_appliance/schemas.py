@@ -5,35 +5,15 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any, Literal, TypeVar
 
-from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .engine import GenerationParams
 from .errors import InvalidRequest
+from .grammar import LIMITS, check_gbnf, json_object_gbnf, schema_to_gbnf
 from .llama import SamplingParams
 
 MAX_STOP_STRINGS = 8
-MAX_GRAMMAR_LENGTH = 100_000
-# llama-cpp-python's converter writes `minLength: N` (and the like) as N copies of a rule: a
-# request of a few bytes would make gigabytes of grammar, and minutes of work, on the event loop.
-_SIZE_KEYWORDS = frozenset(
-    {"minLength", "maxLength", "minItems", "maxItems", "minProperties", "maxProperties"}
-)
-_MAX_SIZE_KEYWORD = 10_000
-
-
-def _largest_size(schema: Any) -> int:
-    largest, stack = 0, [schema]
-    while stack:  # a loop, not recursion: the schema may nest as deep as JSON allows
-        node = stack.pop()
-        if isinstance(node, dict):
-            for key, value in node.items():
-                if key in _SIZE_KEYWORDS and isinstance(value, int):
-                    largest = max(largest, value)
-                stack.append(value)
-        elif isinstance(node, list):
-            stack.extend(node)
-    return largest
+MAX_GRAMMAR_LENGTH = LIMITS.max_chars
 
 
 class TextPart(BaseModel):
@@ -80,29 +60,9 @@ class ResponseFormat(BaseModel):
         if self.type == "text":
             return None
         if self.type == "json_object":
-            return JSON_GBNF
+            return json_object_gbnf()
         assert self.json_schema is not None
-        schema = self.json_schema.schema_
-        if _largest_size(schema) > _MAX_SIZE_KEYWORD:
-            raise InvalidRequest(
-                f"this JSON schema asks for more than {_MAX_SIZE_KEYWORD} characters, items or "
-                "properties in one place",
-                param="response_format",
-            )
-        try:
-            grammar = str(json_schema_to_gbnf(json.dumps(schema)))
-        except Exception as exc:  # the converter raises whatever it meets on a schema it can't do
-            raise InvalidRequest(
-                f"this JSON schema cannot be turned into a grammar: {exc!r}",
-                param="response_format",
-            ) from None
-        if len(grammar) > MAX_GRAMMAR_LENGTH:
-            raise InvalidRequest(
-                f"this JSON schema makes a grammar of {len(grammar)} characters; at most "
-                f"{MAX_GRAMMAR_LENGTH}",
-                param="response_format",
-            )
-        return grammar
+        return schema_to_gbnf(self.json_schema.schema_, param="response_format")
 
 
 class Sampling(BaseModel):
@@ -136,9 +96,21 @@ class Sampling(BaseModel):
             raise ValueError("send at most one of 'grammar' and 'response_format'")
         return self
 
-    def _grammar(self) -> str | None:
+    def _grammar(self, allow_grammar: bool) -> str | None:
+        """The GBNF the answer must match, checked for cost (CPU work: call it off the loop)."""
         fmt = self.response_format
-        return self.grammar if fmt is None or fmt.type == "text" else fmt.grammar()
+        if fmt is not None and fmt.type != "text":
+            return fmt.grammar()
+        if self.grammar is None:
+            return None
+        if not allow_grammar:
+            raise InvalidRequest(
+                "this node does not take raw grammars (ALLOW_GRAMMAR is off); use "
+                "response_format with a JSON schema",
+                param="grammar",
+            )
+        check_gbnf(self.grammar, param="grammar")
+        return self.grammar
 
     @field_validator("stop")
     @classmethod
@@ -150,7 +122,9 @@ class Sampling(BaseModel):
             raise ValueError("a stop string may have at most 200 characters")
         return stop
 
-    def generation_params(self, default_max_tokens: int) -> GenerationParams:
+    def generation_params(
+        self, default_max_tokens: int, *, allow_grammar: bool = True
+    ) -> GenerationParams:
         stop = [self.stop] if isinstance(self.stop, str) else self.stop or []
         return GenerationParams(
             max_tokens=self.max_tokens or default_max_tokens,
@@ -163,7 +137,7 @@ class Sampling(BaseModel):
                 presence_penalty=self.presence_penalty,
                 frequency_penalty=self.frequency_penalty,
                 seed=self.seed,
-                grammar=self._grammar(),
+                grammar=self._grammar(allow_grammar),
             ),
             stop=tuple(s for s in stop if s),
         )
