@@ -7,17 +7,31 @@ import resource
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import gguf
+import httpx
 import pytest
 
+from gguf_appliance.downloads import download_url
 from gguf_appliance.errors import ModelError
-from gguf_appliance.sources import fetch_model, parse_source, resolve_source, sha256_of
+from gguf_appliance.progress import progress_class
+from gguf_appliance.sources import (
+    fetch_model,
+    parse_source,
+    redact_source,
+    resolve_source,
+    sha256_of,
+)
 
-from .conftest import free_port
-from .hub_server import TOKEN, HubServer, HubState
+from .conftest import RunningServer, free_port
+from .hub_server import COMMIT, TOKEN, HubServer, HubState
+
+# Secrets a model URL may carry: in user:pass@, in its path (a pre-authenticated request) and in
+# its query (a signed URL). None may show anywhere.
+SECRETS = ("alice", "hunter2pw", "PARTOKEN0123456789", "SIGNATURE0123456789")
 
 
 def split_model(model: Path, out_dir: Path) -> list[Path]:
@@ -231,7 +245,7 @@ def test_url_resumes_a_part_left_by_an_earlier_run(
     dest.parent.mkdir(parents=True)
     half = model_path.stat().st_size // 2
     dest.with_name(dest.name + ".part").write_bytes(model_path.read_bytes()[:half])
-    info = fetch_model(url, models)
+    info = fetch_model(url, models, sha256=sha256_of(model_path))
     assert sha256_of(info.path) == sha256_of(model_path)
     assert [r for _, _, r in hub.state.requests] == [f"bytes={half}-"]
 
@@ -240,7 +254,11 @@ def test_url_transfer_cut_midway_is_resumed(
     env: dict[str, str], hub: HubServer, model_path: Path
 ) -> None:
     hub.state.cut_once_at = 40_000_000
-    info = fetch_model(f"{hub.url}/files/{model_path.name}", Path(env["GGUF_APPLIANCE_MODELS_DIR"]))
+    info = fetch_model(
+        f"{hub.url}/files/{model_path.name}",
+        Path(env["GGUF_APPLIANCE_MODELS_DIR"]),
+        sha256=sha256_of(model_path),
+    )
     assert sha256_of(info.path) == sha256_of(model_path)
     assert [r for _, _, r in hub.state.requests][1].startswith("bytes=")
 
@@ -257,7 +275,10 @@ def test_url_errors_are_one_line_and_leave_nothing(
         f"{hub.url}/short/{model_path.name}": "truncated GGUF file",
     }
     for url, message in cases.items():
-        assert message in one_line_error(cli(env, url)), url
+        result = cli(env, url, "--sha256", "0" * 64)  # plain http:// needs one
+        assert message in one_line_error(result), url
+        # Only what may pass exits 75, the status the fetch unit retries.
+        assert result.returncode == (75 if url == closed else 1), url
     assert leftovers(Path(env["GGUF_APPLIANCE_MODELS_DIR"])) == []
 
 
@@ -265,7 +286,8 @@ def test_full_disk_is_one_line_and_leaves_nothing(
     env: dict[str, str], hub: HubServer, model_path: Path
 ) -> None:
     # RLIMIT_FSIZE stands in for a full disk: writes past 20 MB fail (EFBIG) as ENOSPC would.
-    line = one_line_error(cli(env, f"{hub.url}/files/{model_path.name}", fsize_limit=20_000_000))
+    url = f"{hub.url}/files/{model_path.name}"
+    line = one_line_error(cli(env, url, "--sha256", "0" * 64, fsize_limit=20_000_000))
     assert "no space left to write" in line
     assert leftovers(Path(env["GGUF_APPLIANCE_MODELS_DIR"])) == []
 
@@ -275,9 +297,10 @@ def test_concurrent_fetches_wait_for_each_other(
 ) -> None:
     hub.state.delay_per_chunk = 0.002
     url = f"{hub.url}/files/{model_path.name}"
+    digest = sha256_of(model_path)
     procs = [
         subprocess.Popen(
-            [sys.executable, "-m", "gguf_appliance.cli", "fetch", url],
+            [sys.executable, "-m", "gguf_appliance.cli", "fetch", url, "--sha256", digest],
             env={**os.environ, **env},
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -298,10 +321,164 @@ def test_progress_is_logged_in_lines_when_not_on_a_terminal(
 ) -> None:
     hub.state.delay_per_chunk = 0.01  # ~4 s for the file
     result = cli(
-        {**env, "GGUF_APPLIANCE_PROGRESS_INTERVAL": "1"}, f"{hub.url}/files/{model_path.name}"
+        {**env, "GGUF_APPLIANCE_PROGRESS_INTERVAL": "1"},
+        f"{hub.url}/files/{model_path.name}",
+        "--sha256",
+        sha256_of(model_path),
     )
     assert result.returncode == 0, result.stderr
     lines = [line for line in result.stderr.splitlines() if "gguf_appliance.fetch" in line]
     assert len(lines) >= 2, result.stderr
     assert all("\r" not in line for line in lines)
     assert any("B/s" in line and "%" in line for line in lines), lines
+
+
+def test_sources_that_would_write_outside_the_models_dir_are_refused(tmp_path: Path) -> None:
+    models = tmp_path / "models"
+    bad = [
+        "hf://acme/smol/m.gguf@../../../tmp/evil",
+        "hf://acme/smol/m.gguf@/tmp/evil",
+        "hf://acme/smol/m.gguf@main/../../x",
+        "hf://acme/smol/m.gguf@",
+        "hf://acme/smol/m.gguf@main\x00",
+        "hf://acme/smol/sub/./m.gguf",
+        "hf://acme/smol/sub\\..\\m.gguf",
+        "hf://acme/smol/m\x00.gguf",
+        "hf://../smol/m.gguf",
+        "hf://acme/.../m.gguf",
+        "/srv/m\x00.gguf",
+        "https://example.com/a/../m.gguf",
+    ]
+    for source in bad:
+        with pytest.raises(ModelError):
+            resolve_source(source, models)
+        with pytest.raises(ModelError):
+            fetch_model(source, models)
+    assert not models.exists()
+    for revision in ("v1.0", COMMIT, "refs/pr/1"):
+        path = resolve_source(f"hf://acme/smol/sub/m.gguf@{revision}", models)
+        assert path.is_relative_to(models / "hf" / "acme" / "smol") and path.name == "m.gguf"
+
+
+def test_a_url_that_names_no_gguf_file_is_refused(tmp_path: Path) -> None:
+    for url in (
+        "https://objectstorage.example/p/PARTOKEN0123456789/n/ns/b/models/o/model",
+        "https://example.com/download?file=model.gguf",
+        "https://example.com/",
+        "https://example.com",
+    ):
+        with pytest.raises(ModelError, match=r"the URL must name a \.gguf file") as caught:
+            resolve_source(url, tmp_path)
+        assert "PARTOKEN" not in caught.value.message
+
+
+def test_plain_http_without_a_sha256_is_refused_before_any_request(
+    env: dict[str, str], hub: HubServer, model_path: Path
+) -> None:
+    line = one_line_error(cli(env, f"{hub.url}/files/{model_path.name}"))
+    assert "refusing plain http:// without a sha256" in line
+    assert hub.state.requests == []
+    result = cli(env, f"{hub.url}/files/{model_path.name}", "--sha256", sha256_of(model_path))
+    assert result.returncode == 0, result.stderr
+
+
+def test_a_redirect_to_plain_http_is_refused_without_a_sha256(
+    hub: HubServer, model_path: Path, tmp_path: Path
+) -> None:
+    # The hook that refuses the first request's http:// refuses a redirect's the same way.
+    part = tmp_path / "m.gguf.part"
+    with pytest.raises(ModelError, match="refusing plain http:// without a sha256"):
+        download_url(
+            f"{hub.url}/redirect/{model_path.name}", part, progress_class(10), https_only=True
+        )
+    assert not part.exists()
+
+
+def test_a_changed_sha256_checks_the_fetched_file_again(
+    env: dict[str, str], hub: HubServer, model_path: Path
+) -> None:
+    url = f"{hub.url}/files/{model_path.name}"
+    digest = sha256_of(model_path)
+    first = cli(env, url, "--sha256", digest)
+    assert first.returncode == 0, first.stderr
+    placed = Path(first.stdout.strip())
+    hub.state.requests.clear()
+    line = one_line_error(cli(env, url, "--sha256", "0" * 64))
+    assert f"checksum mismatch for {model_path.name}: expected {'0' * 64}" in line
+    assert f"has {digest}" in line
+    assert placed.exists()  # the file stays: the setting may be what is wrong
+    again = cli(env, url, "--sha256", digest.upper())
+    assert again.returncode == 0, again.stderr
+    assert hub.state.requests == []  # checked where it is, never fetched again
+
+
+def test_a_hub_file_verified_by_the_hubs_sha256_is_checked_against_a_configured_one(
+    env: dict[str, str], hub: HubServer, model_path: Path
+) -> None:
+    source = "hf://acme/smol/SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert cli(env, source).returncode == 0
+    line = one_line_error(cli(env, source, "--sha256", "f" * 64))
+    assert "checksum mismatch" in line
+    assert cli(env, source, "--sha256", sha256_of(model_path)).returncode == 0
+
+
+def test_redact_source_keeps_scheme_host_and_file_name_only() -> None:
+    url = (
+        "https://alice:hunter2pw@objectstorage.example:8443/p/PARTOKEN0123456789/n/ns/b/models"
+        "/o/model.Q4_K_M.gguf?sig=SIGNATURE0123456789"
+    )
+    assert redact_source(url) == "https://objectstorage.example:8443/.../model.Q4_K_M.gguf?..."
+    assert redact_source("https://example.com/m.gguf") == "https://example.com/m.gguf"
+    assert redact_source("s3://AKIAKEY:SECRETKEY@bucket/m.gguf") == "s3://bucket/m.gguf"
+    assert redact_source(f"https://example.com/{'a' * 200}") == "https://example.com/..."
+    for plain in ("bundled:smollm2-135m-instruct-q4_1", "hf://acme/smol/m.gguf@v1", "/srv/m.gguf"):
+        assert redact_source(plain) == plain
+
+
+def test_a_url_with_credentials_is_fetched_into_a_directory_without_them(
+    env: dict[str, str], hub: HubServer, model_path: Path
+) -> None:
+    host = hub.url.removeprefix("http://")
+    url = f"http://alice:hunter2pw@{host}/files/{model_path.name}?sig=SIGNATURE0123456789"
+    result = cli(env, url, "--sha256", sha256_of(model_path))
+    assert result.returncode == 0, result.stderr
+    placed = Path(result.stdout.strip())
+    models = Path(env["GGUF_APPLIANCE_MODELS_DIR"])
+    assert placed.is_relative_to(models / "url" / host.replace(":", "_"))
+    shown = result.stdout + result.stderr + "\n".join(map(str, models.rglob("*")))
+    assert not [secret for secret in SECRETS if secret in shown], shown
+
+
+def test_fetch_errors_show_a_url_without_its_secrets(env: dict[str, str], hub: HubServer) -> None:
+    host = hub.url.removeprefix("http://")
+    url = f"http://alice:hunter2pw@{host}/p/PARTOKEN0123456789/absent.gguf?sig=SIGNATURE0123456789"
+    result = cli({**env, "GGUF_APPLIANCE_LOG_LEVEL": "debug"}, url, "--sha256", "0" * 64)
+    line = one_line_error(result)
+    assert f"not found (HTTP 404): http://{host}/.../absent.gguf?..." in line
+    assert not [secret for secret in SECRETS if secret in result.stderr], result.stderr
+
+
+def test_health_ready_shows_a_failed_fetch_without_the_urls_secrets(
+    env: dict[str, str], hub: HubServer, tmp_path: Path
+) -> None:
+    host = hub.url.removeprefix("http://")
+    url = f"http://alice:hunter2pw@{host}/p/PARTOKEN0123456789/absent.gguf?sig=SIGNATURE0123456789"
+    node = RunningServer(
+        {**env, "GGUF_APPLIANCE_MODEL": url, "GGUF_APPLIANCE_MODEL_SHA256": "0" * 64},
+        tmp_path / "node.log",
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            node.wait_live()
+            ready = httpx.get(node.url("/health/ready"), timeout=5).json()
+            if ready["status"] == "failed" or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        assert ready["status"] == "failed", ready
+        assert ready["reason"] == f"not found (HTTP 404): http://{host}/.../absent.gguf?..."
+        models = httpx.get(node.url("/v1/models"), timeout=5).text
+        shown = f"{ready}{models}{node.log()}"
+        assert not [secret for secret in SECRETS if secret in shown], shown
+    finally:
+        node.stop()

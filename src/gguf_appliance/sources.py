@@ -149,8 +149,7 @@ def parse_source(uri: str) -> Source:
             raise ModelError(f"refusing a URL with '.' or '..' in its path: {redact_source(uri)}")
         if not _GGUF_NAME.fullmatch(segments[-1]):
             raise ModelError(
-                f"the URL must name a .gguf file (its path's last part), not "
-                f"{redact_source(uri)!r}"
+                f"the URL must name a .gguf file (its path's last part), not {redact_source(uri)!r}"
             )
         return Source("url", uri)
     if scheme == "file":
@@ -244,7 +243,7 @@ def _marker(path: Path) -> Path:
 
 
 def _verified_before(path: Path, sha256: str | None) -> bool:
-    """True if `path` is as it was when verified, against `sha256` when one is given.
+    """True if `path` is as it was when verified, against `sha256` (lower case) when given.
 
     A marker written for another sha256 (or none) has the file hashed again: the configured
     sha256 is always the one checked. A mismatch raises; the file is left where it is.
@@ -258,12 +257,12 @@ def _verified_before(path: Path, sha256: str | None) -> bool:
         return False
     if seen.get("size") != stat.st_size or seen.get("mtime_ns") != stat.st_mtime_ns:
         return False
-    if sha256 is None or sha256.lower() == seen.get("sha256"):
+    if sha256 is None or sha256 == seen.get("sha256"):
         return True
     actual = sha256_of(path)
-    if actual != sha256.lower():
+    if actual != sha256:
         raise ModelError(
-            f"checksum mismatch for {path.name}: expected {sha256.lower()}, the file fetched "
+            f"checksum mismatch for {path.name}: expected {sha256}, the file fetched "
             f"earlier has {actual} (if its source now serves another file, delete {path} to "
             f"fetch it again)"
         )
@@ -305,6 +304,7 @@ def fetch_model(
     """
     from .downloads import disk_error
 
+    sha256 = sha256.lower() if sha256 else None
     source = parse_source(uri)
     target = resolve_source(uri, models_dir)
     parts = split_parts(target)
