@@ -4,22 +4,49 @@ import json
 import re
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
+
+import gguf
+import httpx
+import numpy as np
+import pytest
 
 from gguf_appliance.cli import settings_markdown
+from gguf_appliance.errors import ModelError
+from gguf_appliance.gguf_file import inspect_gguf
 from gguf_appliance.sources import sha256_of
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def cli(*args: str) -> subprocess.CompletedProcess[str]:
+def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "gguf_appliance.cli", *args],
         capture_output=True,
         text=True,
         timeout=120,
-        env={"PATH": "/usr/bin:/bin", "GGUF_APPLIANCE_ENV_FILE": ""},
+        env={"PATH": "/usr/bin:/bin", "GGUF_APPLIANCE_ENV_FILE": "", **(env or {})},
     )
+
+
+def small_gguf(path: Path, **metadata: Any) -> Path:
+    """A GGUF file of llama architecture with one small tensor and the given metadata."""
+    writer = gguf.GGUFWriter(path, "llama")
+    for key, value in metadata.items():
+        key = key.replace("__", ".")
+        if isinstance(value, str):
+            writer.add_string(key, value)
+        else:
+            writer.add_uint32(key, value)
+    writer.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
 
 
 def test_info_prints_the_models_metadata() -> None:
@@ -76,3 +103,70 @@ def test_readme_lists_every_setting_as_the_code_does() -> None:
     block = re.search(r"<!-- settings:start -->\n(.*?)\n<!-- settings:end -->", readme, re.S)
     assert block, "README.md lacks the settings table markers"
     assert block.group(1).strip() == settings_markdown().strip()
+
+
+def test_settings_masks_api_keys_and_a_models_url_secrets() -> None:
+    keys = ["first-key-0123456789-AAAA", "second-key-0123456789-BBBB"]
+    url = (
+        "https://alice:hunter2pw@objectstorage.example/p/PARTOKEN0123456789/n/ns/b/m/o/"
+        "model.gguf?sig=SIGNATURE0123456789"
+    )
+    result = cli(
+        "settings", env={"GGUF_APPLIANCE_API_KEYS": ",".join(keys), "GGUF_APPLIANCE_MODEL": url}
+    )
+    assert result.returncode == 0, result.stderr
+    shown = json.loads(result.stdout)
+    assert shown["api_keys"] == ["***AAAA", "***BBBB"]
+    assert shown["model"] == "https://objectstorage.example/.../model.gguf?..."
+    for secret in [*keys, "alice", "hunter2pw", "PARTOKEN", "SIGNATURE"]:
+        assert secret not in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("metadata", "message"),
+    [
+        (
+            {"llama__context_length": "4096"},
+            "llama.context_length should be an integer, not string",
+        ),
+        ({"general__file_type": "Q4_0"}, "general.file_type should be an integer, not string"),
+        ({"general__name": 7}, "general.name should be a string, not uint32"),
+    ],
+)
+def test_wrong_typed_gguf_metadata_is_one_clear_line(
+    tmp_path: Path, metadata: dict[str, Any], message: str
+) -> None:
+    model = small_gguf(tmp_path / "odd.gguf", **metadata)
+    with pytest.raises(ModelError, match=message):
+        inspect_gguf(model)
+    result = cli("info", str(model))
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip() == f"gguf-appliance: bad GGUF metadata in {model}: {message}"
+
+
+def test_well_typed_small_gguf_is_read(tmp_path: Path) -> None:
+    model = small_gguf(tmp_path / "ok.gguf", llama__context_length=4096, general__name="tiny")
+    info = inspect_gguf(model)
+    assert (info.context_length, info.name, info.architecture) == (4096, "tiny", "llama")
+
+
+def test_serve_with_wrong_typed_metadata_says_why_on_ready_and_stays_up(
+    tmp_path: Path, start_server: Callable[..., Any]
+) -> None:
+    model = small_gguf(tmp_path / "odd.gguf", llama__context_length="4096")
+    node = start_server(ready=False, model=str(model))
+    node.wait_live()
+    deadline = time.monotonic() + 30
+    while (ready := httpx.get(node.url("/health/ready"), timeout=5)).json()["status"] == "loading":
+        assert time.monotonic() < deadline, ready.text
+        time.sleep(0.1)
+    assert ready.status_code == 503
+    assert ready.json() == {
+        "status": "failed",
+        "reason": f"bad GGUF metadata in {model}: llama.context_length should be an integer, "
+        "not string",
+    }
+    time.sleep(1)
+    assert node.process.poll() is None  # up and saying why; no restart would help
+    assert "Traceback" not in node.log()

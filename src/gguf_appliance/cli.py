@@ -16,6 +16,10 @@ from .keys import KeyFileError
 from .logs import configure_logging
 from .settings import ENV_PREFIX, Settings, load_settings
 
+# sysexits' EX_TEMPFAIL: a fetch that may work later (the network, a server's 5xx). Every other
+# failure exits 1 or 2, which the fetch unit does not retry: a wrong checksum stays wrong.
+EXIT_TEMPORARY = 75
+
 
 def _settings(args: argparse.Namespace, **overrides: Any) -> Settings:
     return load_settings(args.env_file, **{k: v for k, v in overrides.items() if v is not None})
@@ -141,11 +145,22 @@ def settings_markdown() -> str:
     return "\n".join(rows)
 
 
+def shown_settings(settings: Settings) -> dict[str, Any]:
+    """The settings as `settings` prints them: API keys by their last 4 characters only, the
+    model source redacted (a URL may hold a token)."""
+    from .sources import redact_source
+
+    shown = settings.model_dump(mode="json")
+    shown["api_keys"] = [f"***{key[-4:]}" for key in settings.api_keys]
+    shown["model"] = redact_source(settings.model)
+    return shown
+
+
 def cmd_settings(args: argparse.Namespace) -> int:
     if args.markdown:
         print(settings_markdown())
     else:
-        print(_settings(args).model_dump_json(indent=2))
+        print(json.dumps(shown_settings(_settings(args)), indent=2))
     return 0
 
 
@@ -167,7 +182,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--model", default=None, help="model source (overrides the settings)")
     serve.set_defaults(func=cmd_serve)
 
-    fetch = sub.add_parser("fetch", help="make a model available locally and verify it")
+    fetch = sub.add_parser(
+        "fetch",
+        help="make a model available locally and verify it",
+        description="Make a model available locally and verify it. Exit status: 0 done, "
+        f"{EXIT_TEMPORARY} a failure that may pass (network, server), 1 or 2 one that will not.",
+    )
     fetch.add_argument("source", nargs="?", default=None, help="model source (default: settings)")
     fetch.add_argument("--sha256", default=None, help="expected sha256 of the file")
     fetch.set_defaults(func=cmd_fetch)
@@ -239,8 +259,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except ModelError as exc:
+        from .downloads import FetchUnavailable
+
         print(f"gguf-appliance: {exc.message}", file=sys.stderr)
-        return 1
+        return EXIT_TEMPORARY if isinstance(exc, FetchUnavailable) else 1
     except ValidationError as exc:
         first = exc.errors(include_url=False)[0]
         where = ".".join(map(str, first["loc"]))

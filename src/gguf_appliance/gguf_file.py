@@ -1,10 +1,11 @@
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gguf import GGUFReader, LlamaFileType
+from gguf import GGUFReader, GGUFValueType, LlamaFileType
 
 from .errors import ModelError
 
@@ -39,9 +40,43 @@ class GGUFInfo:
         }
 
 
-def _field(reader: GGUFReader, key: str) -> Any:
+_INTEGER_TYPES = {
+    GGUFValueType.UINT8,
+    GGUFValueType.INT8,
+    GGUFValueType.UINT16,
+    GGUFValueType.INT16,
+    GGUFValueType.UINT32,
+    GGUFValueType.INT32,
+    GGUFValueType.UINT64,
+    GGUFValueType.INT64,
+}
+
+
+def _text(reader: GGUFReader, key: str, path: Path) -> str | None:
     field = reader.fields.get(key)
-    return None if field is None else field.contents()
+    if field is None:
+        return None
+    if field.types != [GGUFValueType.STRING]:
+        raise _wrong_type(key, "a string", field.types, path)
+    return str(field.contents())
+
+
+def _count(reader: GGUFReader, key: str, path: Path) -> int | None:
+    """A non-negative integer (a context length, a file type); llama.cpp refuses other types."""
+    field = reader.fields.get(key)
+    if field is None:
+        return None
+    if len(field.types) != 1 or field.types[0] not in _INTEGER_TYPES:
+        raise _wrong_type(key, "an integer", field.types, path)
+    value = int(field.contents())
+    if value < 0:
+        raise ModelError(f"bad GGUF metadata in {path}: {key} is {value}, below zero")
+    return value
+
+
+def _wrong_type(key: str, expected: str, types: list[GGUFValueType], path: Path) -> ModelError:
+    found = " of ".join(t.name.lower() for t in types) or "nothing"
+    return ModelError(f"bad GGUF metadata in {path}: {key} should be {expected}, not {found}")
 
 
 def inspect_gguf(path: Path) -> GGUFInfo:
@@ -69,22 +104,23 @@ def inspect_gguf(path: Path) -> GGUFInfo:
         raise ModelError(
             f"truncated GGUF file {path}: tensor data ends at byte {end}, file has {size}"
         )
-    arch = str(_field(reader, "general.architecture") or "unknown")
-    file_type = _field(reader, "general.file_type")
-    try:
-        quant = LlamaFileType(int(file_type)).name.removeprefix("MOSTLY_")
-    except (TypeError, ValueError):
-        quant = "unknown"
-    ctx = _field(reader, f"{arch}.context_length")
+    # Every key read here has the type llama.cpp insists on: a wrong one is a clear refusal
+    # now rather than a failed load later.
+    arch = _text(reader, "general.architecture", path) or "unknown"
+    file_type = _count(reader, "general.file_type", path)
+    quant = "unknown"
+    if file_type is not None:
+        with contextlib.suppress(ValueError):  # a type newer than this gguf package
+            quant = LlamaFileType(file_type).name.removeprefix("MOSTLY_")
     return GGUFInfo(
         path=path,
         file_size=size,
-        version=int(_field(reader, "GGUF.version")),
+        version=int(reader.fields["GGUF.version"].contents()),
         architecture=arch,
-        name=_field(reader, "general.name"),
+        name=_text(reader, "general.name", path),
         parameters=sum(int(t.n_elements) for t in reader.tensors),
         quantization=quant,
-        context_length=None if ctx is None else int(ctx),
-        has_chat_template=_field(reader, "tokenizer.chat_template") is not None,
+        context_length=_count(reader, f"{arch}.context_length", path),
+        has_chat_template=_text(reader, "tokenizer.chat_template", path) is not None,
         tensor_count=len(reader.tensors),
     )

@@ -23,6 +23,7 @@ ENV_FILE_TEMPLATE = """\
 # gguf-appliance settings (see `gguf-appliance settings --markdown` for every one).
 # After a change: systemctl restart gguf-appliance-fetch gguf-appliance
 #GGUF_APPLIANCE_MODEL=hf://TheBloke/TinyLlama-1.1B-Chat-v1.0-GGUF/tinyllama-1.1b-chat-v1.0.Q4_K_M.gguf
+# Or https://.../FILE.gguf (such as a pre-authenticated request); plain http:// needs the sha256.
 #GGUF_APPLIANCE_MODEL_SHA256=
 #GGUF_APPLIANCE_N_SLOTS=8
 #GGUF_APPLIANCE_N_CTX=2048
