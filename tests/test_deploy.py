@@ -16,10 +16,11 @@ import threading
 from pathlib import Path
 
 import pytest
+import yaml
 from packaging.requirements import Requirement
 
 from gguf_appliance.install import UNITS, InstallPlan, install, rendered_files
-from gguf_appliance.keys import key_digest, read_key_file
+from gguf_appliance.keys import ApiKeys, key_digest, read_key_file
 from gguf_appliance.resources import static_dir
 from gguf_appliance.settings import DEFAULT_MODEL
 from gguf_appliance.sources import resolve_source
@@ -285,3 +286,41 @@ def test_a_fetched_model_loads_from_a_read_only_models_dir(tmp_path: Path) -> No
     )
     assert loaded.returncode == 0, loaded.stderr[-2000:]
     assert loaded.stdout == fetched
+
+
+def first_boot_key_step(tmp_path: Path) -> str:
+    """The bootstrap's step that writes the API key file, writing under tmp_path instead."""
+    config = yaml.safe_load((ROOT / "cloud-init.yaml").read_text())
+    (bootstrap,) = [f for f in config["write_files"] if f["path"].endswith("bootstrap")]
+    step = re.search(
+        r"^KEYS=/etc/gguf-appliance/api-keys\n.*?^fi\n", bootstrap["content"], re.M | re.S
+    )
+    assert step, "no key step in the bootstrap"
+    return step[0].replace("/etc/gguf-appliance/api-keys", str(tmp_path / "api-keys"))
+
+
+def test_the_first_boot_makes_a_key_for_root_only_when_none_is_given(tmp_path: Path) -> None:
+    step = first_boot_key_step(tmp_path)
+    subprocess.run(["/bin/sh", "-euc", step], check=True, env={"PATH": os.environ["PATH"]})
+    key_file = tmp_path / "api-keys"
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+    (key,) = [line for line in key_file.read_text().splitlines() if not line.startswith("#")]
+    assert len(key) >= 32
+    assert ApiKeys(key_file=key_file).authorized(f"Bearer {key}".encode())
+    # Run again (the bootstrap is safe to rerun): the file, perhaps edited since, is kept.
+    key_file.write_text("e" * 20 + "\n")
+    subprocess.run(["/bin/sh", "-euc", step], check=True, env={"PATH": os.environ["PATH"]})
+    assert key_file.read_text() == "e" * 20 + "\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["api-keys"]
+
+
+def test_the_first_boot_writes_the_given_key_digests_and_no_key(tmp_path: Path) -> None:
+    keys = ["f" * 32, "g" * 40]
+    digests = ",".join(hashlib.sha256(k.encode()).hexdigest() for k in keys)
+    env = {"PATH": os.environ["PATH"], "API_KEY_SHA256S": digests}
+    subprocess.run(["/bin/sh", "-euc", first_boot_key_step(tmp_path)], check=True, env=env)
+    key_file = tmp_path / "api-keys"
+    api_keys = ApiKeys(key_file=key_file)
+    assert len(api_keys) == 2
+    assert all(api_keys.authorized(f"Bearer {k}".encode()) for k in keys)
+    assert not any(k in key_file.read_text() for k in keys)

@@ -169,7 +169,15 @@ def test_fresh_node_serves_through_nginx_then_survives_kill_9(node: int) -> None
         raise
     assert "<html" in httpx.get("http://127.0.0.1:80/").text.lower()
     body = {"messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 24}
-    with httpx.stream("POST", "http://127.0.0.1:80/generate", json=body, timeout=60) as response:
+    # The first boot made the node's API key, for root only: no key, no answer.
+    generate = "http://127.0.0.1:80/generate"
+    assert httpx.post(generate, json=body, timeout=60).status_code == 401
+    key_file = in_container(node, "cat", "/etc/gguf-appliance/api-keys").stdout
+    (key,) = [line for line in key_file.splitlines() if line and not line.startswith("#")]
+    mode = in_container(node, "stat", "-c", "%a %U", "/etc/gguf-appliance/api-keys").stdout
+    assert mode.split() == ["600", "root"]
+    headers = {"Authorization": f"Bearer {key}"}
+    with httpx.stream("POST", generate, json=body, headers=headers, timeout=60) as response:
         events = [line for line in response.iter_lines() if line.startswith("event:")]
     assert events.count("event: token") > 1 and events[-1] == "event: done"
 
