@@ -270,7 +270,7 @@ def test_url_errors_are_one_line_and_leave_nothing(
     cases = {
         f"{hub.url}/files/absent.gguf": "not found (HTTP 404)",
         f"{hub.url}/forbidden/model.gguf": "access denied (HTTP 403)",
-        closed: "cannot reach 127.0.0.1",
+        closed: f"cannot reach {closed.split('/')[2]}: ",
         f"{hub.url}/html/model.gguf": "not a GGUF file",
         f"{hub.url}/short/{model_path.name}": "truncated GGUF file",
     }
@@ -455,6 +455,10 @@ def test_fetch_errors_show_a_url_without_its_secrets(env: dict[str, str], hub: H
     result = cli({**env, "GGUF_APPLIANCE_LOG_LEVEL": "debug"}, url, "--sha256", "0" * 64)
     line = one_line_error(result)
     assert f"not found (HTTP 404): http://{host}/.../absent.gguf?..." in line
+    assert not [secret for secret in SECRETS if secret in result.stderr], result.stderr
+    denied = url.replace("/p/", "/forbidden/").replace("/PARTOKEN0123456789", "")
+    result = cli(env, denied, "--sha256", "0" * 64)
+    assert f"access denied (HTTP 403) by {host}: " in one_line_error(result)
     assert not [secret for secret in SECRETS if secret in result.stderr], result.stderr
 
 

@@ -65,9 +65,14 @@ def _total_from(response: httpx.Response, offset: int) -> int | None:
     return offset + int(length) if length and length.isdigit() else None
 
 
+def _host(url: str) -> str:
+    """HOST[:PORT] of a URL, without the user:pass@ it may carry."""
+    return urlparse(url).netloc.rpartition("@")[2]
+
+
 def _http_failure(url: str, status: int) -> ModelError:
     shown = redact_source(url)
-    host = urlparse(url).hostname
+    host = _host(url)
     if status in (401, 403):
         return ModelError(
             f"access denied (HTTP {status}) by {host}: the URL needs credentials, or a "
@@ -138,8 +143,7 @@ def download_url(url: str, part: Path, progress: type[Tqdm[Any]], *, https_only:
                     attempts_left = _ATTEMPTS if grew else attempts_left - 1
                     if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout):
                         if attempts_left <= 0:
-                            host = urlparse(url).hostname
-                            raise FetchUnavailable(f"cannot reach {host}: {exc}") from None
+                            raise FetchUnavailable(f"cannot reach {_host(url)}: {exc}") from None
                     elif attempts_left <= 0:
                         raise FetchUnavailable(
                             f"the download of {redact_source(url)} keeps failing: {exc}"
