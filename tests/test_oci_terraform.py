@@ -9,6 +9,7 @@ alike), so the test sees the very file a node boots with.
 from __future__ import annotations
 
 import base64
+import hashlib
 import importlib.metadata
 import json
 import os
@@ -79,13 +80,15 @@ def compact(expression: str) -> str:
 
 
 def render_user_data(tf: dict[str, Any], values: dict[str, str]) -> str:
-    """locals.user_data as Terraform computes it, for the given variable values."""
+    """locals.user_data as Terraform computes it, for the given variable (and local) values."""
     edits = locals_(tf)["user_data_edits"]
     text = (ROOT / "cloud-init.yaml").read_text()
     for edit in edits.values():
         pattern = hcl_string(edit["pattern"])
         assert pattern.startswith("/") and pattern.endswith("/"), "replace() needs /regex/"
-        replacement = re.sub(r"\$\{var\.(\w+)\}", lambda m: values[m[1]], hcl_string(edit["text"]))
+        replacement = re.sub(
+            r"\$\{(?:var|local)\.(\w+)\}", lambda m: values[m[1]], hcl_string(edit["text"])
+        )
         assert "${" not in replacement and "$" not in replacement
         text = re.sub(pattern[1:-1], lambda _m, r=replacement: r, text)
     return text
@@ -195,7 +198,10 @@ def test_nodes_take_port_80_from_the_balancer_only(tf: dict[str, Any]) -> None:
     assert [hcl_string(r["protocol"]) for r in default_list["ingress_security_rules"]] == ["1"]
 
 
-def test_user_data_is_the_repository_cloud_init_with_three_lines_set(tf: dict[str, Any]) -> None:
+DIGEST = hashlib.sha256(b"a key of the operator's own making").hexdigest()
+
+
+def test_user_data_is_the_repository_cloud_init_with_four_lines_set(tf: dict[str, Any]) -> None:
     local = locals_(tf)
     path = hcl_string(local["cloud_init_path"]).replace("${path.module}", str(MODULE))
     assert Path(path).resolve() == ROOT / "cloud-init.yaml"
@@ -214,11 +220,13 @@ def test_user_data_is_the_repository_cloud_init_with_three_lines_set(tf: dict[st
         found = re.findall(hcl_string(edit["pattern"])[1:-1], cloud_init)
         assert len(found) == edit["count"], f"{key}: {found}"
 
-    # With the defaults: cloud-init.yaml itself, but for the balancer's subnet.
+    # With the defaults: cloud-init.yaml itself, but for the balancer's subnet and the digest of
+    # the key Terraform made.
     defaults = {
         "model": default(tf, "model"),
         "appliance_version": default(tf, "appliance_version"),
         "lb_subnet_cidr": default(tf, "lb_subnet_cidr"),
+        "api_key_sha256s_line": DIGEST,
     }
     assert defaults["appliance_version"] == importlib.metadata.version("gguf-appliance")
     rendered = render_user_data(tf, defaults)
@@ -227,13 +235,17 @@ def test_user_data_is_the_repository_cloud_init_with_three_lines_set(tf: dict[st
         for a, b in zip(cloud_init.splitlines(), rendered.splitlines(), strict=True)
         if a != b
     ]
-    assert changed == [("      LB_SUBNET=10.0.0.0/16", "      LB_SUBNET=10.0.1.0/24")]
+    assert changed == [
+        ("      LB_SUBNET=10.0.0.0/16", "      LB_SUBNET=10.0.1.0/24"),
+        ("      API_KEY_SHA256S=", f"      API_KEY_SHA256S={DIGEST}"),
+    ]
 
-    # With other values: exactly the model, the two version lines and the subnet change.
+    # With other values: exactly the model, the two version lines, the subnet and the digests.
     chosen = {
         "model": "hf://acme/smol-GGUF/smol.Q4_0.gguf@main",
         "appliance_version": "0.2.1",
         "lb_subnet_cidr": "10.9.1.0/24",
+        "api_key_sha256s_line": f"{DIGEST},{DIGEST[::-1]}",
     }
     rendered = render_user_data(tf, chosen)
     assert len(rendered.splitlines()) == len(cloud_init.splitlines())
@@ -246,6 +258,7 @@ def test_user_data_is_the_repository_cloud_init_with_three_lines_set(tf: dict[st
         "GGUF_APPLIANCE_MODEL=hf://acme/smol-GGUF/smol.Q4_0.gguf@main",
         "GGUF_APPLIANCE_PACKAGE=gguf-appliance==0.2.1",
         "LB_SUBNET=10.9.1.0/24",
+        f"API_KEY_SHA256S={DIGEST},{DIGEST[::-1]}",
         "gguf-appliance==0.2.1",
     ]
     assert len(base64.b64encode(rendered.encode())) < METADATA_LIMIT
@@ -262,6 +275,7 @@ def test_rendered_user_data_passes_the_cloud_init_schema(
                 "model": "https://objectstorage.example.com/p/x/n/ns/b/models/o/model.gguf",
                 "appliance_version": "0.1.0",
                 "lb_subnet_cidr": "10.0.1.0/24",
+                "api_key_sha256s_line": DIGEST,
             },
         )
     )
@@ -280,6 +294,70 @@ def test_variable_validations_guard_the_user_data(tf: dict[str, Any]) -> None:
     assert re.fullmatch(model_re, default(tf, "model"))
     for bad in ("hf://a/b.gguf\nGGUF_APPLIANCE_API_KEYS=", "hf://a/$1.gguf", "ftp://x/y.gguf"):
         assert not re.fullmatch(model_re, bad), bad
+
+
+def test_nodes_need_an_api_key_and_the_user_data_holds_only_its_digest(
+    tf: dict[str, Any],
+) -> None:
+    # No digests given: Terraform makes one key, shows it as a sensitive output, and sends the
+    # nodes its SHA-256 alone; digests given: those, and no key is made.
+    (made,) = resources(tf, "random_password").values()
+    assert compact(made["count"]) == "${length(var.api_key_sha256s)==0?1:0}"
+    assert made["length"] >= 32
+    local = locals_(tf)
+    assert compact(local["api_key_sha256s"]) == (
+        "${concat(var.api_key_sha256s,[forkeyinrandom_password.api_key:sha256(key.result)])}"
+    )
+    assert compact(local["api_key_sha256s_line"]) == '${join(",",local.api_key_sha256s)}'
+    edit = local["user_data_edits"]["api_keys"]
+    assert hcl_string(edit["text"]) == "API_KEY_SHA256S=${local.api_key_sha256s_line}"
+    assert default(tf, "api_key_sha256s") == []
+    outputs = {unquote(n): body for block in tf["output"] for n, body in block.items()}
+    assert outputs["api_key"]["sensitive"] is True
+    assert compact(outputs["api_key"]["value"]) == "${one(random_password.api_key[*].result)}"
+    # Nothing but these goes into the user data: no key, only the digests.
+    texts = " ".join(hcl_string(e["text"]) for e in local["user_data_edits"].values())
+    assert set(re.findall(r"\$\{([^}]*)\}", texts)) == {
+        "var.model",
+        "var.appliance_version",
+        "var.lb_subnet_cidr",
+        "local.api_key_sha256s_line",
+    }
+
+    (check,) = variables(tf)["api_key_sha256s"]["validation"]
+    pattern = re.search(r'regex\("(.*)",d\)', compact(check["condition"]))
+    assert pattern
+    digest_re = json.loads(f'"{pattern[1]}"')
+    assert re.fullmatch(digest_re, DIGEST)
+    for bad in (DIGEST.upper(), DIGEST[:-1], "a key, not its digest", DIGEST + "\nX=1"):
+        assert not re.fullmatch(digest_re, bad), bad
+
+
+def test_with_a_certificate_port_80_only_redirects_to_https(tf: dict[str, Any]) -> None:
+    (rule_set,) = resources(tf, "oci_load_balancer_rule_set").values()
+    assert compact(rule_set["count"]) == "${var.certificate_ocid==null?0:1}"
+    (rule,) = rule_set["items"]
+    assert hcl_string(rule["action"]) == "REDIRECT"
+    (condition,) = rule["conditions"]
+    assert hcl_string(condition["attribute_name"]) == "PATH"
+    assert hcl_string(condition["attribute_value"]) == "/"  # every path
+    assert hcl_string(condition["operator"]) == "FORCE_LONGEST_PREFIX_MATCH"
+    (target,) = rule["redirect_uri"]
+    assert hcl_string(target["protocol"]) == "HTTPS" and target["port"] == 443
+    assert [hcl_string(target[k]) for k in ("host", "path", "query")] == [
+        "{host}",
+        "{path}",
+        "{query}",
+    ]
+    assert rule["response_code"] in (301, 308)
+    listeners = resources(tf, "oci_load_balancer_listener")
+    http = listeners["http"]
+    assert http["port"] == 80
+    assert http["rule_set_names"] == "${oci_load_balancer_rule_set.https_redirect[*].name}"
+    https = listeners["https"]
+    assert compact(https["count"]) == "${var.certificate_ocid==null?0:1}"
+    assert "rule_set_names" not in https
+    assert https["ssl_configuration"][0]["certificate_ids"] == ["${var.certificate_ocid}"]
 
 
 def run_checkov(module: Path) -> dict[str, Any]:

@@ -30,12 +30,39 @@ resource "oci_load_balancer_backend_set" "nodes" {
   }
 }
 
+# With a certificate, port 80 serves nothing: every request is sent to the same place on HTTPS
+# (a key sent in clear once is still a leaked key, but a browser and most clients come back on
+# HTTPS and stay there).
+resource "oci_load_balancer_rule_set" "https_redirect" {
+  count            = var.certificate_ocid == null ? 0 : 1
+  load_balancer_id = oci_load_balancer_load_balancer.pool.id
+  name             = "https_redirect"
+  items {
+    action = "REDIRECT"
+    conditions {
+      attribute_name  = "PATH"
+      attribute_value = "/"
+      operator        = "FORCE_LONGEST_PREFIX_MATCH"
+    }
+    redirect_uri {
+      protocol = "HTTPS"
+      port     = 443
+      host     = "{host}"
+      path     = "{path}"
+      query    = "{query}"
+    }
+    # 308, not 301: a POST is repeated as a POST.
+    response_code = 308
+  }
+}
+
 resource "oci_load_balancer_listener" "http" {
   load_balancer_id         = oci_load_balancer_load_balancer.pool.id
   name                     = "http"
   default_backend_set_name = oci_load_balancer_backend_set.nodes.name
   port                     = 80
   protocol                 = "HTTP"
+  rule_set_names           = oci_load_balancer_rule_set.https_redirect[*].name
   connection_configuration {
     idle_timeout_in_seconds = var.listener_idle_timeout_seconds
   }

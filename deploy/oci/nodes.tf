@@ -5,8 +5,21 @@ data "oci_identity_availability_domains" "region" {
   compartment_id = var.compartment_ocid
 }
 
+# The API key, when the operator gives no digests: kept in the Terraform state (treat the state
+# as a secret), shown by `terraform output -raw api_key`; only its SHA-256 goes to the nodes.
+resource "random_password" "api_key" {
+  count   = length(var.api_key_sha256s) == 0 ? 1 : 0
+  length  = 43
+  special = false
+}
+
 locals {
   availability_domain = data.oci_identity_availability_domains.region.availability_domains[var.availability_domain_number - 1].name
+
+  # The keys every node accepts, as the digests cloud-init.yaml writes to its key file: the
+  # operator's, or else the one made above.
+  api_key_sha256s      = concat(var.api_key_sha256s, [for key in random_password.api_key : sha256(key.result)])
+  api_key_sha256s_line = join(",", local.api_key_sha256s)
 
   # The user data is the repository's cloud-init.yaml, with the lines below set from the
   # variables. Each pattern is an RE2 expression (slashes make replace() read it as one) that
@@ -29,16 +42,25 @@ locals {
       text    = "LB_SUBNET=${var.lb_subnet_cidr}"
       count   = 1
     }
+    # The API keys' digests: the node needs a key, and the user data holds no key itself.
+    api_keys = {
+      pattern = "/API_KEY_SHA256S=.*/"
+      text    = "API_KEY_SHA256S=${local.api_key_sha256s_line}"
+      count   = 1
+    }
   }
   user_data = replace(
     replace(
       replace(
-        file(local.cloud_init_path),
-        local.user_data_edits.model.pattern, local.user_data_edits.model.text
+        replace(
+          file(local.cloud_init_path),
+          local.user_data_edits.model.pattern, local.user_data_edits.model.text
+        ),
+        local.user_data_edits.version.pattern, local.user_data_edits.version.text
       ),
-      local.user_data_edits.version.pattern, local.user_data_edits.version.text
+      local.user_data_edits.lb_subnet.pattern, local.user_data_edits.lb_subnet.text
     ),
-    local.user_data_edits.lb_subnet.pattern, local.user_data_edits.lb_subnet.text
+    local.user_data_edits.api_keys.pattern, local.user_data_edits.api_keys.text
   )
 }
 

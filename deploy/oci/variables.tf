@@ -187,10 +187,20 @@ variable "client_cidrs" {
   }
 }
 
+variable "api_key_sha256s" {
+  type        = list(string)
+  default     = []
+  description = "SHA-256 digests (64 hex digits) of the API keys every node accepts: `printf %s \"$KEY\" | sha256sum`. Only the digests reach the nodes (their user data and /etc/gguf-appliance/api-keys); the keys themselves never leave you. Empty: Terraform makes one key (`terraform output -raw api_key`)."
+  validation {
+    condition     = alltrue([for d in var.api_key_sha256s : can(regex("^[0-9a-f]{64}$", d))])
+    error_message = "api_key_sha256s must be SHA-256 digests: 64 lower-case hex digits each."
+  }
+}
+
 variable "certificate_ocid" {
   type        = string
   default     = null
-  description = "OCID of a certificate in OCI's Certificates service. When given, the balancer also listens for HTTPS on port 443 with it."
+  description = "OCID of a certificate in OCI's Certificates service. When given, the balancer serves HTTPS on port 443 with it, and its port 80 only redirects there."
 }
 
 # --- the network ---

@@ -9,6 +9,11 @@ terraform {
       # 6.16 made instance pools' load_balancers a set; 7.x is the current major version.
       version = ">= 6.16, < 8.0"
     }
+    # The API key made when none is given (random_password keeps it out of plans and logs).
+    random = {
+      source  = "hashicorp/random"
+      version = ">= 3.5, < 4.0"
+    }
   }
 }
 
