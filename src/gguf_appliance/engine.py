@@ -229,12 +229,13 @@ class Engine:
     def tokenize_prompt(self, prompt: str) -> list[int]:
         return self._require_model().text_prompt(prompt)
 
-    def compile_grammar(self, grammar: str) -> GrammarSampler:
+    def compile_grammar(self, grammar: str, param: str = "grammar") -> GrammarSampler:
         """Build a request's grammar and try it on a first token (blocking: run it in a thread,
         see `prepare_grammar`). The text must have passed `grammar.check_gbnf`."""
-        return self._require_model().grammar_sampler(grammar, self.config.grammar_step_limit)
+        model = self._require_model()
+        return model.grammar_sampler(grammar, self.config.grammar_step_limit, param)
 
-    async def prepare_grammar(self, grammar: str) -> GrammarSampler:
+    async def prepare_grammar(self, grammar: str, param: str = "grammar") -> GrammarSampler:
         """`compile_grammar` off the event loop, one at a time; 503 when too many wait."""
         if self._grammar_waiting >= self.config.n_slots + self.config.queue_size:
             raise QueueFull(
@@ -243,7 +244,7 @@ class Engine:
         self._grammar_waiting += 1
         try:
             async with self._grammar_lock:
-                return await asyncio.to_thread(self.compile_grammar, grammar)
+                return await asyncio.to_thread(self.compile_grammar, grammar, param)
         finally:
             self._grammar_waiting -= 1
 
@@ -261,7 +262,9 @@ class Engine:
         """
         try:
             if params.sampling.grammar is not None and grammar is None:
-                grammar = self.compile_grammar(params.sampling.grammar)
+                grammar = self.compile_grammar(
+                    params.sampling.grammar, params.sampling.grammar_field
+                )
             return self._submit(prompt, params, timeout, grammar)
         except BaseException:
             if grammar is not None:

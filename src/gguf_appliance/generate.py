@@ -84,7 +84,9 @@ async def start(
         )
     grammar = None
     if params.sampling.grammar is not None:
-        grammar = await engine.prepare_grammar(params.sampling.grammar)
+        grammar = await engine.prepare_grammar(
+            params.sampling.grammar, params.sampling.grammar_field
+        )
     generation = engine.submit(prompt, params, timeout=settings.request_timeout, grammar=grammar)
     request.state.generation = generation  # for the request's log line
     return generation

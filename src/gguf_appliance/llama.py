@@ -61,6 +61,7 @@ class SamplingParams:
     repeat_last_n: int = 64
     seed: int | None = None
     grammar: str | None = None  # GBNF; the answer must match its `root` rule
+    grammar_field: str = "grammar"  # the request field it came from, for errors
 
 
 class LlamaModel:
@@ -195,17 +196,19 @@ class LlamaModel:
                     f"the grammar's {name[:40]} is not one token of this model", param=param
                 )
 
-    def grammar_sampler(self, grammar: str, step_limit: float) -> GrammarSampler:
+    def grammar_sampler(
+        self, grammar: str, step_limit: float, param: str = "grammar"
+    ) -> GrammarSampler:
         """Build a request's grammar (any thread) and try it on the first token: a grammar
         that allows no token there is refused now, with a 400, not in the middle of the
         answer."""
-        self.check_grammar(grammar)
+        self.check_grammar(grammar, param)
         pointer = C.llama_sampler_init_grammar(self.vocab, grammar.encode("utf-8"), b"root")
         if not pointer:
             raise InvalidRequest(
                 "llama.cpp could not use the grammar (a rule is left-recursive, or a <token> "
                 "is not one token of this model)",
-                param="grammar",
+                param=param,
             )
         sampler = GrammarSampler(pointer, self.n_vocab, self.end_tokens)
         try:
@@ -216,7 +219,7 @@ class LlamaModel:
         if not allowed:
             sampler.close()
             raise InvalidRequest(
-                "the grammar allows no token of this model at its start", param="grammar"
+                "the grammar allows no token of this model at its start", param=param
             )
         if sampler.probe_seconds > step_limit:
             sampler.close()
@@ -224,7 +227,7 @@ class LlamaModel:
                 f"the grammar takes {sampler.probe_seconds * 1000:.0f} ms of CPU to check one "
                 f"token (at most {step_limit * 1000:.0f} ms: every other request would wait "
                 "for it); use fewer alternatives",
-                param="grammar",
+                param=param,
             )
         return sampler
 

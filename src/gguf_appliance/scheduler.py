@@ -298,7 +298,7 @@ class SlotScheduler:
                     InvalidRequest(
                         "the grammar allows no token of this model after "
                         f"{slot.generated} token{'' if slot.generated == 1 else 's'} of the answer",
-                        param="grammar",
+                        param=job.params.sampling.grammar_field,
                     ),
                 )
                 continue
@@ -310,7 +310,7 @@ class SlotScheduler:
                         f"the grammar took {cost * 1000:.0f} ms of CPU to check one token (at "
                         f"most {self.config.grammar_step_limit * 1000:.0f} ms: every other "
                         "request waits for it); use fewer alternatives",
-                        param="grammar",
+                        param=job.params.sampling.grammar_field,
                     ),
                 )
                 continue

@@ -138,6 +138,7 @@ class Sampling(BaseModel):
                 frequency_penalty=self.frequency_penalty,
                 seed=self.seed,
                 grammar=self._grammar(allow_grammar),
+                grammar_field="grammar" if self.grammar is not None else "response_format",
             ),
             stop=tuple(s for s in stop if s),
         )
