@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,6 +12,9 @@ from typing import Any
 import httpx
 import openai
 import pytest
+from playwright.sync_api import expect, sync_playwright
+
+from gguf_appliance.access import SECURITY_HEADERS
 
 from .conftest import RunningServer, free_port
 from .nginx_runner import RunningNginx, render_site
@@ -99,6 +103,7 @@ def test_rate_limit_answers_429_per_client(proxy: RunningNginx) -> None:
     limited = next(r for r in answers if r.status_code == 429)
     assert limited.json()["error"]["code"] == "rate_limited"
     assert limited.headers["retry-after"] == "1"
+    assert_hardened(limited)
     # Behind the balancer (127.0.0.1 is its subnet here) another client has its own budget.
     other = httpx.get(proxy.url + "/v1/models", headers={"X-Forwarded-For": "198.51.100.8"})
     assert other.status_code == 200
@@ -126,5 +131,132 @@ def test_a_stopped_app_answers_503_json_through_nginx(tmp_path: Path) -> None:
         assert response.status_code == 503
         assert response.json()["error"]["code"] == "unavailable"
         assert response.headers["retry-after"] == "5"
+        assert_hardened(response)
+    finally:
+        nginx.stop()
+
+
+def assert_hardened(response: httpx.Response) -> None:
+    headers = response.headers
+    assert headers["server"] == "nginx"  # no version
+    # Each once: NGINX's, never NGINX's and the app's side by side.
+    assert headers.get_list("x-content-type-options") == ["nosniff"]
+    assert headers.get_list("x-frame-options") == ["DENY"]
+    assert headers.get_list("referrer-policy") == ["no-referrer"]
+    (policy,) = headers.get_list("content-security-policy")
+    assert "frame-ancestors 'none'" in policy
+
+
+def test_every_response_forbids_sniffing_framing_and_referrers(proxy: RunningNginx) -> None:
+    page = httpx.get(proxy.url + "/")
+    policy = dict(
+        directive.strip().split(" ", 1)
+        for directive in page.headers["content-security-policy"].split(";")
+    )
+    # The page's own files and requests only: no inline script or style, nothing from elsewhere.
+    assert policy["default-src"] == "'none'"
+    assert policy["script-src"] == policy["style-src"] == policy["connect-src"] == "'self'"
+    assert "unsafe" not in page.headers["content-security-policy"]
+    # The page gets the same policy from the app itself (make run) as through NGINX.
+    assert (
+        page.headers["content-security-policy"]
+        == dict((k.decode(), v.decode()) for k, v in SECURITY_HEADERS)["content-security-policy"]
+    )
+    missing = httpx.get(proxy.url + "/no-such-file")
+    assert missing.status_code == 404 and "nginx/" not in missing.text  # no version there either
+    for response in (
+        page,
+        httpx.get(proxy.url + "/app.js"),
+        httpx.get(proxy.url + "/v1/models"),
+        httpx.get(proxy.url + "/health/ready"),
+        missing,
+    ):
+        assert_hardened(response)
+
+
+def test_the_page_works_under_its_content_security_policy(proxy: RunningNginx) -> None:
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path="/usr/bin/chromium", args=["--no-sandbox", "--disable-gpu"]
+        )
+        try:
+            page = browser.new_page()
+            page.add_init_script(
+                "window.__refused = [];"
+                "document.addEventListener('securitypolicyviolation',"
+                " (e) => window.__refused.push(e.violatedDirective + ' ' + e.blockedURI));"
+            )
+            page.goto(proxy.url + "/")
+            expect(page.locator("#status")).to_contain_text("Ready ·")
+            page.fill("#prompt", "Say hello.")
+            page.keyboard.press("Enter")
+            answer = page.locator("#log li.assistant").first
+            expect(answer.locator(".stats")).to_contain_text("tokens", timeout=30_000)
+            assert page.evaluate("window.__refused") == []
+            # The policy is in force: a script put into the page is refused.
+            page.evaluate(
+                "() => { const s = document.createElement('script');"
+                " s.textContent = 'window.__injected = true'; document.body.append(s); }"
+            )
+            page.wait_for_function("window.__refused.length > 0")
+            assert page.evaluate("window.__injected === undefined")
+        finally:
+            browser.close()
+
+
+def test_the_app_sees_a_request_only_once_its_body_is_whole(tmp_path: Path) -> None:
+    # A stand-in for the app that notes when NGINX connects to it.
+    with socket.create_server(("127.0.0.1", 0)) as app:
+        nginx = start_nginx(tmp_path, f"127.0.0.1:{app.getsockname()[1]}")
+        try:
+            body = b'{"prompt": "' + b"x" * 100 + b'"}'
+            head = (
+                "POST /v1/completions HTTP/1.1\r\nHost: node\r\n"
+                f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+            )
+            with socket.create_connection(
+                ("127.0.0.1", int(nginx.url.rsplit(":", 1)[1]))
+            ) as client:
+                client.sendall(head.encode() + body[:20])
+                app.settimeout(1.5)
+                with pytest.raises(TimeoutError):
+                    app.accept()  # half a body: the app is not bothered yet
+                client.sendall(body[20:])
+                app.settimeout(5)
+                upstream, _ = app.accept()
+                with upstream:
+                    received = b""
+                    while not received.endswith(body):
+                        chunk = upstream.recv(65536)
+                        assert chunk, received
+                        received += chunk
+                    upstream.sendall(
+                        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok"
+                    )
+                client.settimeout(5)
+                assert client.recv(65536).startswith(b"HTTP/1.1 200")
+        finally:
+            nginx.stop()
+
+
+def test_a_client_that_stalls_is_dropped_within_seconds(tmp_path: Path) -> None:
+    nginx = start_nginx(tmp_path, f"127.0.0.1:{free_port()}")
+    port = int(nginx.url.rsplit(":", 1)[1])
+    try:
+        started = time.monotonic()
+        stalled = {
+            "headers": b"GET / HTTP/1.1\r\nHost: node\r\n",
+            "body": b"POST /generate HTTP/1.1\r\nHost: node\r\nContent-Length: 100\r\n\r\n{",
+        }
+        clients = {}
+        for what, sent in stalled.items():
+            clients[what] = socket.create_connection(("127.0.0.1", port))
+            clients[what].sendall(sent)
+        for what, client in clients.items():
+            with client:
+                client.settimeout(30)
+                while client.recv(65536):
+                    pass  # a 408, or nothing, then the end
+                assert 8 < time.monotonic() - started < 15, what
     finally:
         nginx.stop()
