@@ -16,6 +16,7 @@ A URL may carry a secret (a token in its path or query, `user:pass@`): it is sho
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -266,7 +267,8 @@ def _verified_before(path: Path, sha256: str | None) -> bool:
             f"earlier has {actual} (if its source now serves another file, delete {path} to "
             f"fetch it again)"
         )
-    _mark_verified(path, actual)
+    with contextlib.suppress(OSError):  # a read-only models directory: hashed again next time
+        _mark_verified(path, actual)
     return True
 
 
@@ -318,6 +320,10 @@ def fetch_model(
         )
     if not source.remote:
         return _combined([_verify(p, sha256) for p in parts])
+    if all(_verified_before(part, sha256) for part in parts):
+        # Fetched and verified before: nothing is written, so the node can serve it from a
+        # models directory it cannot write (its systemd unit mounts it read-only).
+        return _combined([inspect_gguf(part) for part in parts])
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         lock = FileLock(str(target.parent / (parts[0].name + ".lock")))
