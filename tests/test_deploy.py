@@ -250,15 +250,18 @@ print(fetch_model(sys.argv[1], Path(sys.argv[2]), sha256=sys.argv[3]).path)
 """
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="sources.fetch_model takes its lock file beside a model it has fetched and verified "
-    "before, which a read-only models directory refuses; until it does not, the node's unit "
-    "keeps its state directory writable (see the unit's comment)",
-)
+def test_only_the_fetch_unit_may_write_the_models(tmp_path: Path) -> None:
+    units = {name: path.read_text() for name, path in rendered_units(tmp_path).items()}
+    for unit in units.values():
+        assert "StateDirectory=gguf-appliance\n" in unit  # the same user and directory
+    assert "ReadOnlyPaths=/var/lib/gguf-appliance\n" in units["gguf-appliance.service"]
+    assert "ReadOnlyPaths" not in units["gguf-appliance-fetch.service"]
+    assert "ReadWritePaths" not in "".join(units.values())
+
+
 def test_a_fetched_model_loads_from_a_read_only_models_dir(tmp_path: Path) -> None:
-    # The fetch unit fetches and verifies; the node, whose models directory should be read-only,
-    # only finds the model again (load_configured_model calls fetch_model with the same source).
+    # The fetch unit fetches and verifies; the node, whose models directory is read-only, only
+    # finds the model again (load_configured_model calls fetch_model with the same source).
     model = resolve_source(DEFAULT_MODEL)
     served = tmp_path / "served"
     served.mkdir()

@@ -193,3 +193,61 @@ def test_fresh_node_serves_through_nginx_then_survives_kill_9(node: int) -> None
         node, "systemctl", "show", "-p", "NRestarts", "--value", "gguf-appliance.service"
     ).stdout.strip()
     assert int(restarts) >= 1
+
+
+def test_keys_reload_under_systemd_and_never_open_the_api(node: int) -> None:
+    models = "http://127.0.0.1:80/v1/models"
+
+    def status(key: str) -> int:
+        headers = {"Authorization": f"Bearer {key}"}
+        return httpx.get(models, headers=headers, timeout=10).status_code
+
+    def write_keys(text: str) -> None:
+        written = in_container(node, "sh", "-c", f"printf '{text}' > /etc/gguf-appliance/api-keys")
+        assert written.returncode == 0, written.stderr
+
+    def reload() -> int:
+        return in_container(node, "systemctl", "reload", "gguf-appliance.service").returncode
+
+    wait_for(lambda: httpx.get(models, timeout=5).status_code == 401, 120, "the node is not back")
+    new = "n" * 32
+    write_keys(f"# rotated\\n{new}\\n")
+    assert reload() == 0
+    wait_for(lambda: status(new) == 200, 30, "the new key was not taken up")
+
+    # Comments only: systemd's reload passes, the app keeps the key in force.
+    write_keys("# no key at all\\n")
+    assert reload() == 0
+    time.sleep(2)
+    assert status(new) == 200 and httpx.get(models, timeout=5).status_code == 401
+    journal = in_container(node, "journalctl", "-u", "gguf-appliance", "--no-pager", "-n", "50")
+    assert "holds no key" in journal.stdout
+    # No file: the reload fails, the key stays.
+    assert in_container(node, "rm", "/etc/gguf-appliance/api-keys").returncode == 0
+    assert reload() != 0
+    assert status(new) == 200
+
+    # What the service user could leave in its own directory is never written through by root.
+    write_keys(f"{new}\\n")
+    for name in ("api-keys", "api-keys.new"):
+        link = f"/run/gguf-appliance/{name}"
+        assert (
+            in_container(node, "ln", "-sf", "/etc/gguf-appliance/appliance.env", link).returncode
+            == 0
+        )
+    before = in_container(
+        node, "stat", "-c", "%s %U %a", "/etc/gguf-appliance/appliance.env"
+    ).stdout
+    assert reload() == 0
+    after = in_container(node, "stat", "-c", "%s %U %a", "/etc/gguf-appliance/appliance.env").stdout
+    assert after == before
+    assert status(new) == 200
+
+    # The node reads its model but cannot write where it lives.
+    pid = in_container(
+        node, "systemctl", "show", "-p", "MainPID", "--value", "gguf-appliance.service"
+    ).stdout.strip()
+    probe = in_container(
+        node, "nsenter", "-t", pid, "-m", "--", "touch", "/var/lib/gguf-appliance/probe"
+    )
+    assert probe.returncode != 0 and "Read-only file system" in probe.stderr, probe.stderr
