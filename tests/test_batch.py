@@ -127,6 +127,72 @@ def test_the_writer_resumes_and_drops_a_line_cut_by_a_crash(tmp_path: Path) -> N
     assert [line["id"] for line in output_lines(out)] == [1, "1", 3]
 
 
+def test_the_writer_ends_a_whole_last_line_that_lost_its_newline(tmp_path: Path) -> None:
+    out = tmp_path / "out.jsonl"
+    out.write_text('{"id": 1, "result": "a"}')
+    writer = ResultWriter(str(out))
+    writer.write({"id": 2, "result": "b"})
+    writer.close()
+    assert out.read_text() == '{"id": 1, "result": "a"}\n{"id": 2, "result": "b"}\n'
+
+
+# --- no job destroys data ---
+
+
+@pytest.mark.parametrize("spelling", ["same path", "another spelling", "symlink", "hardlink"])
+def test_an_output_that_is_the_input_is_refused_and_left_alone(
+    tmp_path: Path, spelling: str
+) -> None:
+    src = write_jsonl(tmp_path / "r.jsonl", [{"id": "a", "text": "Great."}, {"text": "Awful."}])
+    before = src.read_bytes()
+    (tmp_path / "sub").mkdir()
+    out = {
+        "same path": src,
+        "another spelling": tmp_path / "sub" / ".." / "r.jsonl",
+        "symlink": tmp_path / "link.jsonl",
+        "hardlink": tmp_path / "hard.jsonl",
+    }[spelling]
+    if spelling == "symlink":
+        out.symlink_to(src)
+    if spelling == "hardlink":
+        out.hardlink_to(src)
+    result, _ = run_batch(str(src), str(out), "--task", "sentiment", *unreachable())
+    assert result.returncode == 1, result.stderr
+    assert f"the output {out} is the input file {src}" in result.stderr
+    assert src.read_bytes() == before
+    assert out.read_bytes() == before and out.is_symlink() == (spelling == "symlink")
+
+
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [
+        (b"Meeting notes: keep these\n", "line 1 is not JSON"),
+        (b'{"id": "a", "text": "Great."}\n', "line 1 has a field 'text'"),
+        (b'{"id": "a", "text": "Great."}', "line 1 has a field 'text'"),  # no newline: not cut
+        (b'{"id": "a", "result": "positive"}\n[1, 2]\n', "line 2 is not a JSON object"),
+        (
+            b'{"id": "a", "result": "positive"}\n\n{"id": null, "result": 1}\n',
+            "line 3 has the id null",
+        ),
+        (gzip.compress(b'{"id": "a", "result": "positive"}\n', mtime=0), "line 1 is not JSON"),
+    ],
+    ids=["text", "input rows", "one line without newline", "array", "null id", "gzip"],
+)
+def test_an_output_with_lines_no_job_wrote_is_refused_and_left_alone(
+    tmp_path: Path, content: bytes, problem: str
+) -> None:
+    src = write_jsonl(
+        tmp_path / "in.jsonl", [{"id": "a", "text": "Great."}, {"id": "b", "text": "Awful."}]
+    )
+    out = tmp_path / "results.jsonl"
+    out.write_bytes(content)
+    result, _ = run_batch(str(src), str(out), "--task", "sentiment", *unreachable())
+    assert result.returncode == 1, result.stderr
+    assert f"{out} holds lines a batch job did not write: {problem}" in result.stderr
+    assert "left as it is" in result.stderr
+    assert out.read_bytes() == content
+
+
 def test_two_rows_with_one_id_stop_the_job_before_it_starts(tmp_path: Path) -> None:
     src = write_jsonl(
         tmp_path / "in.jsonl",
@@ -222,6 +288,33 @@ def test_a_row_without_an_id_never_takes_another_rows_id(
     assert result.returncode == 0, result.stderr
     assert summary["skipped"] == 2 and summary["ok"] == 0
     assert output_lines(out) == lines
+
+
+def test_a_rerun_keeps_every_line_a_job_wrote_and_trims_only_its_cut_last_line(
+    server: RunningServer, tmp_path: Path
+) -> None:
+    src = write_jsonl(
+        tmp_path / "in.jsonl",
+        [{"id": "a", "text": "I loved it."}, {"text": "Awful."}],
+        extra_lines=("{oops",),
+    )
+    out = tmp_path / "out.jsonl"
+    written = (
+        b'{"id": "a", "result": "positive", "tokens": {"prompt": 30, "completion": 2}, '
+        b'"seconds": 0.2}\n'
+        b'{"id": {"line": 2}, "result": null, "error": "line 2 is not valid JSON: Expecting '
+        b'property name enclosed in double quotes", "seconds": 0.0}\n'
+    )
+    out.write_bytes(written + b'{"id": {"line": 3}, "result": "neg')  # killed here
+    result, summary = run_batch(
+        str(src), str(out), "--task", "sentiment", "--target", server.base_url
+    )
+    assert result.returncode == 0, result.stderr
+    assert summary["skipped"] == 2 and summary["ok"] == 1
+    data = out.read_bytes()
+    assert data.startswith(written)
+    redone = json.loads(data[len(written) :])
+    assert redone["id"] == {"line": 3} and redone["result"] in LABELS
 
 
 def test_sentiment_through_a_node_over_http(server: RunningServer, tmp_path: Path) -> None:
@@ -430,3 +523,35 @@ def test_input_and_output_in_s3(s3: str, tmp_path: Path) -> None:
     result, summary = run_batch(*args, XDG_CACHE_HOME=str(tmp_path / "other-cache"))
     assert result.returncode == 0, result.stderr
     assert summary["skipped"] == 40 and summary["ok"] == 0
+
+
+def test_an_s3_output_that_is_the_input_or_someone_elses_is_refused_and_left_alone(
+    s3: str, tmp_path: Path
+) -> None:
+    import s3fs
+
+    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3})
+    fs.makedirs("refusals", exist_ok=True)  # moto keeps buckets for the session
+    rows = b'{"text": "Great."}\n{"text": "Awful."}\n'
+    notes = b"Meeting notes: keep these\n"
+    fs.pipe_file("refusals/in.jsonl", rows)
+    fs.pipe_file("refusals/notes.jsonl", notes)
+    for output, message in [
+        ("s3a://refusals/in.jsonl", "is the input file s3://refusals/in.jsonl"),
+        ("s3://refusals/notes.jsonl", "notes.jsonl holds lines a batch job did not write: line 1"),
+    ]:
+        result, _ = run_batch(
+            "s3://refusals/in.jsonl",
+            output,
+            "--task",
+            "sentiment",
+            "--endpoint-url",
+            s3,
+            *unreachable(),
+            XDG_CACHE_HOME=str(tmp_path / "cache"),
+        )
+        assert result.returncode == 1, result.stderr
+        assert message in result.stderr
+    fs.invalidate_cache()
+    assert fs.cat_file("refusals/in.jsonl") == rows
+    assert fs.cat_file("refusals/notes.jsonl") == notes

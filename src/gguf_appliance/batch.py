@@ -27,7 +27,7 @@ from .batch_backends import (
     HttpBackend,
     RowFailed,
 )
-from .batch_io import BatchInputError, ResultWriter, Row, read_rows, storage_options
+from .batch_io import BatchInputError, ResultWriter, Row, read_rows, same_file, storage_options
 from .engine import Engine, engine_config, load_configured_model
 from .errors import InvalidRequest
 from .progress import progress_class
@@ -450,6 +450,10 @@ def make_task(opts: BatchOptions) -> Task:
 async def run_batch(opts: BatchOptions, settings: Settings) -> JobSummary:
     """The whole job: open the input and output, reach the model, run every row not done."""
     task = make_task(opts)
+    if await asyncio.to_thread(same_file, opts.input, opts.output, opts.endpoint_url):
+        raise BatchInputError(
+            f"the output {opts.output} is the input file {opts.input}; name another output file"
+        )
     in_options = storage_options(opts.input, opts.endpoint_url)
 
     def rows() -> Iterator[Row]:

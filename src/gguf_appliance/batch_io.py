@@ -7,7 +7,9 @@ job reports it in its own output line and goes on.
 Output is JSONL, one line per row, appended as rows finish. A local file is appended to and
 flushed line by line, so a killed job loses only the rows in flight; a remote file (s3://,
 oci://, gs://) is written through a local spool that is uploaded every `checkpoint_seconds` and
-at the end. Rerunning a job reads the output (and the spool) back and skips the rows there.
+at the end. Rerunning a job reads the output (and the spool) back and skips the rows there. An
+output holding anything a job does not write is refused and left as it is: the only bytes a job
+ever removes are its own last line, cut short when it was killed.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import hashlib
 import io
 import json
 import os
+import posixpath
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -54,6 +57,24 @@ class Row:
 def row_key(row_id: Any) -> str:
     # 5 and "5" are different ids; JSON keeps them apart.
     return json.dumps(row_id, sort_keys=True)
+
+
+def same_file(first: str, second: str, endpoint_url: str | None = None) -> bool:
+    """Whether two paths or URLs name one file (through a link, or spelt another way)."""
+    fs1, path1 = _open_fs(first, storage_options(first, endpoint_url))
+    fs2, path2 = _open_fs(second, storage_options(second, endpoint_url))
+    if isinstance(fs1, LocalFileSystem) and isinstance(fs2, LocalFileSystem):
+        try:
+            return os.path.samefile(path1, path2)
+        except OSError:  # one of them does not exist yet
+            return False
+    return type(fs1) is type(fs2) and _normalised(fs1, path1) == _normalised(fs2, path2)
+
+
+def _normalised(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    # s3a:// is s3://; "a/../b" may be another key in a bucket, but calling it the same only
+    # ever refuses a job, never loses a file.
+    return str(fs.unstrip_protocol(posixpath.normpath(path)))
 
 
 def storage_options(url: str, endpoint_url: str | None) -> dict[str, Any]:
@@ -221,41 +242,53 @@ class ResultWriter:
         self.remote = not isinstance(self.fs, LocalFileSystem)
         self.checkpoint_seconds = checkpoint_seconds
         self.done: set[str] = set()
+        if self.fs.isdir(self.path):
+            raise BatchInputError(f"the output {url} is a directory; name a file")
         if self.remote:
             spool_dir = spool_dir or default_spool_dir()
             spool_dir.mkdir(parents=True, exist_ok=True)
             digest = hashlib.sha256(url.encode()).hexdigest()[:16]
             self.local = spool_dir / f"{digest}.jsonl"
+            self._recover_remote()
         else:
             self.local = Path(self.path)
             self.local.parent.mkdir(parents=True, exist_ok=True)
-        self._lines = self._recover()
+            self._recover_local()
         self._file = self.local.open("a", encoding="utf-8")
+        if self.local.stat().st_size and not self._ends_with_newline():
+            self._file.write("\n")  # its last line is whole but has no newline: end it
         self._last_upload = time.monotonic()
         self._dirty = False
 
-    def _recover(self) -> int:
-        """Collect the ids already written; drop a line cut short by a crash."""
-        lines: list[str] = []
-        if self.remote and self.fs.exists(self.path):
-            with self.fs.open(self.path, "r", encoding="utf-8") as f:
-                lines.extend(_whole_lines(f.read()))
+    def _recover_local(self) -> None:
+        if not self.local.exists():
+            return
+        data = self.local.read_bytes()
+        results, keep = read_results(data, self.url)
+        self.done.update(results)
+        if keep < len(data):
+            os.truncate(self.local, keep)
+
+    def _recover_remote(self) -> None:
+        """The bucket's copy and this machine's spool, merged into the spool."""
+        results: dict[str, bytes] = {}
+        if self.fs.exists(self.path):
+            results, _ = read_results(self.fs.cat_file(self.path), self.url)
         if self.local.exists():
-            lines.extend(_whole_lines(self.local.read_text(encoding="utf-8")))
-        kept: list[str] = []
-        for line in lines:
-            try:
-                key = row_key(json.loads(line)["id"])
-            except (json.JSONDecodeError, KeyError, TypeError):
-                continue  # not one of ours: leave it out rather than fail the rerun
-            if key not in self.done:
-                self.done.add(key)
-                kept.append(line)
-        if self.remote or _needs_rewrite(self.local, kept):
-            tmp = self.local.with_name(self.local.name + ".tmp")
-            tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-            os.replace(tmp, self.local)
-        return len(kept)
+            spooled, _ = read_results(
+                self.local.read_bytes(), f"{self.local} (the local copy of {self.url})"
+            )
+            for key, line in spooled.items():
+                results.setdefault(key, line)
+        self.done.update(results)
+        tmp = self.local.with_name(self.local.name + ".tmp")
+        tmp.write_bytes(b"".join(line + b"\n" for line in results.values()))
+        os.replace(tmp, self.local)
+
+    def _ends_with_newline(self) -> bool:
+        with self.local.open("rb") as f:
+            f.seek(-1, os.SEEK_END)
+            return f.read(1) == b"\n"
 
     def write(self, record: dict[str, Any]) -> None:
         key = row_key(record["id"])
@@ -264,7 +297,6 @@ class ResultWriter:
         self.done.add(key)
         self._file.write(json.dumps(record, ensure_ascii=False) + "\n")
         self._file.flush()  # in the kernel's hands: a killed job keeps the line
-        self._lines += 1
         self._dirty = True
         if self.remote and time.monotonic() - self._last_upload >= self.checkpoint_seconds:
             self.upload()
@@ -284,16 +316,61 @@ class ResultWriter:
         self._file.close()
 
 
-def _whole_lines(text: str) -> list[str]:
-    lines = text.split("\n")
-    return [line for line in lines[:-1] if line.strip()]  # the last piece has no newline
+# What a result line holds; `write` puts "id" first, so a line cut short begins like this.
+_RESULT_FIELDS = frozenset({"id", "result", "error", "tokens", "seconds", "calls"})
+_RESULT_START = b'{"id": '
 
 
-def _needs_rewrite(path: Path, kept: list[str]) -> bool:
-    if not path.exists():
-        return False
-    data = path.read_bytes()
-    return bool(data) and (not data.endswith(b"\n") or data.count(b"\n") != len(kept))
+def read_results(data: bytes, name: str) -> tuple[dict[str, bytes], int]:
+    """The result lines of an output a job wrote, by row key, and how many of its bytes to keep.
+
+    Only a last line without its newline that begins like a result line and is not whole JSON (a
+    job killed while writing it) is left out. Any other line a job does not write raises
+    BatchInputError: the output is someone else's file, and is not touched.
+    """
+    lines = data.split(b"\n")
+    tail = lines.pop()  # what follows the last newline: nothing, unless a line is unfinished
+    keep = len(data)
+    if tail.strip():
+        try:
+            json.loads(tail)
+        except ValueError:
+            if tail.startswith(_RESULT_START) or _RESULT_START.startswith(tail):
+                keep -= len(tail)
+                tail = b""
+        lines.append(tail)  # whole (or not ours): checked with the others
+    results: dict[str, bytes] = {}
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            key = _result_key(line)
+        except ValueError as exc:
+            raise BatchInputError(
+                f"{name} holds lines a batch job did not write: line {number} {exc}. "
+                "It is left as it is; name another output file."
+            ) from None
+        results.setdefault(key, line)
+    return results, keep
+
+
+def _result_key(line: bytes) -> str:
+    try:
+        record = json.loads(line)
+    except ValueError:
+        raise ValueError("is not JSON") from None
+    if not isinstance(record, dict):
+        raise ValueError("is not a JSON object")
+    other = sorted(set(record) - _RESULT_FIELDS)
+    if other:
+        raise ValueError(f"has a field {other[0]!r}, which result lines do not have")
+    if "id" not in record or "result" not in record:
+        raise ValueError("has no id or no result")
+    row_id = record["id"]
+    own = isinstance(row_id, dict) and len(row_id) == 1 and row_id.keys() <= {"line", "row"}
+    if row_id is None or isinstance(row_id, list) or (isinstance(row_id, dict) and not own):
+        raise ValueError(f"has the id {json.dumps(row_id)}, which no row has")
+    return row_key(row_id)
 
 
 def default_spool_dir() -> Path:
