@@ -214,8 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="run a task over every row of a data set",
         description="Run a task over every row of INPUT (JSONL, CSV or a directory of text "
         "files; a path or s3://, oci://, gs:// URL) and append one JSON line per row to OUTPUT. "
-        "Rerunning the same command skips the rows OUTPUT already has. Exit status: 0 all rows "
-        "done, 3 some rows failed (see their error field), 1 the job could not run.",
+        "Rerunning the same command skips the rows OUTPUT already has; an OUTPUT that is INPUT "
+        "or holds lines a batch job did not write is refused and left as it is. Exit status: 0 "
+        "all rows done, 3 some rows failed (see their error field), 1 the job could not run.",
     )
     batch.add_argument("input")
     batch.add_argument("output")
@@ -227,7 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     batch.add_argument("--schema", help="template: a JSON schema file the answer must match")
     batch.add_argument("--system", help="template: a system message")
     batch.add_argument(
-        "--id-field", default="id", help="the row's id (default: id, else row number)"
+        "--id-field", default="id", help='the row\'s id (default: id; else {"line": n})'
     )
     batch.add_argument("--text-field", default="text", help="the text to work on (default: text)")
     batch.add_argument("--format", choices=["jsonl", "csv", "docs"], help="default: from the name")

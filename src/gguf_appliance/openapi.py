@@ -295,9 +295,11 @@ def _generation_errors(settings: Settings) -> dict[str, Any]:
     return {
         "400": _error(
             "Malformed JSON, a field out of range, max_tokens above the node's cap, or a prompt "
-            "longer than the context or `max_prompt_tokens` (`code: context_length_exceeded`)."
+            "longer than the context or `max_prompt_tokens` (`code: context_length_exceeded`), "
+            "or a grammar or JSON schema over its limits (`param` names the field)."
         ),
         "413": _error(f"A body larger than {settings.max_body_bytes} bytes."),
+        "415": _error("A body sent as anything but `Content-Type: application/json`."),
         "503": {
             **_error(
                 "The queue is full (`queue_full`, with Retry-After), the model is not loaded "
