@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -81,3 +82,24 @@ def test_json_nested_too_deeply_gets_400_not_500(server: RunningServer) -> None:
     )
     assert response.status_code == 400
     assert "nests too deeply" in response.json()["error"]["message"]
+
+
+def test_with_allow_grammar_off_a_raw_grammar_gets_400_and_a_schema_still_works(
+    start_server: Any,
+) -> None:
+    node = start_server(allow_grammar="false")
+    raw = {"prompt": "hi", "max_tokens": 4, "grammar": 'root ::= "yes"'}
+    refused = httpx.post(node.url("/v1/completions"), json=raw, timeout=60)
+    assert refused.status_code == 400
+    assert refused.json()["error"]["param"] == "grammar"
+    assert "ALLOW_GRAMMAR" in refused.json()["error"]["message"]
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}
+    body = {
+        "messages": [{"role": "user", "content": "Is water wet? Answer in JSON."}],
+        "max_tokens": 16,
+        "temperature": 0,
+        "response_format": {"type": "json_schema", "json_schema": {"schema": schema}},
+    }
+    answer = httpx.post(node.url("/v1/chat/completions"), json=body, timeout=60)
+    assert answer.status_code == 200
+    assert isinstance(json.loads(answer.json()["choices"][0]["message"]["content"])["ok"], bool)
