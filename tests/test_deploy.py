@@ -254,7 +254,8 @@ def test_only_the_fetch_unit_may_write_the_models(tmp_path: Path) -> None:
     units = {name: path.read_text() for name, path in rendered_units(tmp_path).items()}
     for unit in units.values():
         assert "StateDirectory=gguf-appliance\n" in unit  # the same user and directory
-    assert "ReadOnlyPaths=/var/lib/gguf-appliance\n" in units["gguf-appliance.service"]
+    read_only = "ReadOnlyPaths=/var/lib/gguf-appliance /var/lib/private/gguf-appliance\n"
+    assert read_only in units["gguf-appliance.service"]
     assert "ReadOnlyPaths" not in units["gguf-appliance-fetch.service"]
     assert "ReadWritePaths" not in "".join(units.values())
 
