@@ -3,6 +3,7 @@ from __future__ import annotations
 import hashlib
 import signal
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,8 @@ import openai
 import pytest
 
 from gguf_appliance.keys import ApiKeys, KeyFileError, key_digest, read_key_file
+
+from .conftest import RunningServer
 
 KEY = "k" * 24
 
@@ -226,3 +229,50 @@ def test_a_node_with_no_key_listens_beyond_loopback_only_if_the_api_is_meant_to_
     assert httpx.get(keyed.url("/v1/models")).status_code == 401
     open_node = start_server(host="0.0.0.0", open_api="true")
     assert httpx.get(open_node.url("/v1/models")).status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("host", "status"),
+    [
+        ("127.0.0.1:8000", 200),
+        ("[::1]:8000", 200),
+        ("localhost:8000", 200),
+        ("10.0.0.5", 200),
+        ("llm.internal:8000", 200),  # named in ALLOWED_HOSTS
+        ("evil.example:8000", 421),  # a page's name re-pointed at the node (DNS rebinding)
+        ("evil.example.", 421),
+        ("", 421),
+    ],
+)
+def test_an_open_api_answers_only_to_addresses_and_allowed_names(
+    rebinding_node: RunningServer, host: str, status: int
+) -> None:
+    response = httpx.post(
+        rebinding_node.url("/v1/completions"),
+        json={"prompt": "hi", "max_tokens": 1},
+        headers={"host": host},
+        timeout=30,
+    )
+    assert response.status_code == status, response.text
+    if status == 421:
+        assert response.json()["error"]["param"] == "Host"
+
+
+@pytest.fixture(scope="module")
+def rebinding_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    log = tmp_path_factory.mktemp("rebinding") / "server.log"
+    node = RunningServer({"GGUF_APPLIANCE_ALLOWED_HOSTS": "llm.internal"}, log)
+    node.wait_ready()
+    yield node
+    node.stop()
+
+
+def test_with_keys_any_host_name_is_answered(start_server: Any) -> None:
+    node = start_server(api_keys="k" * 32)
+    response = httpx.post(
+        node.url("/v1/completions"),
+        json={"prompt": "hi", "max_tokens": 1},
+        headers={"host": "llm.example.com", "authorization": "Bearer " + "k" * 32},
+        timeout=30,
+    )
+    assert response.status_code == 200

@@ -161,7 +161,10 @@ def test_install_writes_the_key_file_once_for_root_only(tmp_path: Path) -> None:
     key_file = tmp_path / "etc/gguf-appliance/api-keys"
     assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
     assert stat.S_IMODE((tmp_path / "etc/gguf-appliance/appliance.env").stat().st_mode) == 0o600
-    assert read_key_file(key_file) == []  # comments only: the node refuses to start on it
+    made = read_key_file(key_file)  # a new key: the node needs one to start
+    assert len(made) == 1
+    assert install(plan) == []
+    assert read_key_file(key_file) == made  # written once, never replaced
     key_file.write_text("k" * 32 + "\n")
     assert install(plan) == []
     assert read_key_file(key_file) == [key_digest("k" * 32)]

@@ -6,6 +6,7 @@ token, tokens, queue wait) and never the prompt or the answer unless `log_prompt
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import re
@@ -18,7 +19,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import openai_api
 from .engine import DoneEvent, Generation
-from .errors import ApplianceError, Unauthorized, Unavailable
+from .errors import ApplianceError, MisdirectedRequest, Unauthorized, Unavailable
 from .keys import ApiKeys
 from .metrics import Metrics
 from .settings import Settings
@@ -92,6 +93,29 @@ class RequestMiddleware:
             return self.settings.metrics_requires_key
         return False
 
+    def host_allowed(self, scope: Scope) -> bool:
+        """With no key, only a Host that is an IP address, localhost or an allowed name.
+
+        A page on evil.example whose name is re-pointed at this node (DNS rebinding) talks to
+        it as evil.example: the browser's same-origin rule no longer protects an open API, but
+        the Host header still says which name the page used. With keys the page has no key.
+        """
+        if self.keys.required or "*" in self.settings.allowed_hosts:
+            return True
+        value = dict(scope["headers"]).get(b"host", b"").decode("latin-1").strip().lower()
+        if value.startswith("["):  # [v6]:port
+            host = value[1:].partition("]")[0]
+        else:
+            host = value.rsplit(":", 1)[0] if value.count(":") == 1 else value
+        host = host.rstrip(".")
+        if host == "localhost" or host in self.settings.allowed_hosts:
+            return True
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            return False
+        return True
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
@@ -122,7 +146,15 @@ class RequestMiddleware:
 
         try:
             authorization = dict(scope["headers"]).get(b"authorization", b"")
-            if not self.key_required(scope["path"]) or self.keys.authorized(authorization):
+            if not self.host_allowed(scope):
+                error: ApplianceError = MisdirectedRequest(
+                    "this node does not answer to that Host name while its API is open (no "
+                    "key): add it to GGUF_APPLIANCE_ALLOWED_HOSTS, or use the address",
+                    param="Host",
+                )
+                state["error"] = error.code
+                await error_response(error)(scope, receive, send_with_id)
+            elif not self.key_required(scope["path"]) or self.keys.authorized(authorization):
                 await self.app(scope, receive_and_keep, send_with_id)
             else:
                 error = Unauthorized("a valid API key is required: Authorization: Bearer KEY")

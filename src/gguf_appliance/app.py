@@ -98,9 +98,9 @@ def _model_id(settings: Settings) -> str:
 def create_app(settings: Settings) -> Starlette:
     """The node's ASGI app. The model loads in the background; /health/ready says when.
 
-    Raises KeyFileError if the API key file cannot be read.
+    Raises KeyFileError if the API key file cannot be read or holds no key (unless open_api).
     """
-    api_keys = ApiKeys(settings.api_keys, settings.api_key_file)
+    api_keys = ApiKeys(settings.api_keys, settings.api_key_file, open_api=settings.open_api)
     engine = Engine(engine_config(settings))
     app_metrics = Metrics(engine)
     engine.on_done = app_metrics.observe_generation
@@ -128,7 +128,14 @@ def create_app(settings: Settings) -> Starlette:
         # SIGHUP (`systemctl reload`) re-reads the key file. Signals reach only the main thread.
         hangup = threading.current_thread() is threading.main_thread()
         if hangup:
-            loop.add_signal_handler(signal.SIGHUP, api_keys.reload)
+
+            def reload_keys() -> None:
+                if not api_keys.reload():
+                    notifier.notify(
+                        "STATUS=API keys not reloaded (see the log): the keys in force stay"
+                    )
+
+            loop.add_signal_handler(signal.SIGHUP, reload_keys)
         try:
             yield
         finally:

@@ -8,6 +8,7 @@ again changes nothing unless something differs, so cloud-init can run it on ever
 from __future__ import annotations
 
 import re
+import secrets
 import shutil
 import subprocess
 import sys
@@ -30,14 +31,19 @@ ENV_FILE_TEMPLATE = """\
 # API keys are best kept in /etc/gguf-appliance/api-keys (`systemctl reload gguf-appliance`
 # applies a change there without a restart); keys here need a restart.
 #GGUF_APPLIANCE_API_KEYS=
+# An API with no key must be asked for:
+#GGUF_APPLIANCE_OPEN_API=true
 #HF_TOKEN=
 """
 
 KEY_FILE_TEMPLATE = """\
-# gguf-appliance API keys: one a line, at least 16 characters, no spaces; lines starting with
-# '#' are comments. With no key here (nor in GGUF_APPLIANCE_API_KEYS) the API is open.
-# This file stays readable by root only; after a change: systemctl reload gguf-appliance
+# gguf-appliance API keys: one a line, at least 16 characters, no spaces, or sha256: and a
+# key's SHA-256 in hex instead of the key; lines starting with '#' are comments. With no key here
+# (nor in GGUF_APPLIANCE_API_KEYS) the node does not start, unless appliance.env sets
+# GGUF_APPLIANCE_OPEN_API=true. This file stays readable by root only; after a change:
+# systemctl reload gguf-appliance
 # A new key: python3 -c 'import secrets; print(secrets.token_urlsafe(32))'
+# The key made by `gguf-appliance install`:
 """
 
 
@@ -109,7 +115,9 @@ def install(plan: InstallPlan, *, start: bool = True) -> list[str]:
     """Write what differs; enable and (re)start what changed. Returns what was done."""
     done = [f"wrote {p}" for p, text in rendered_files(plan).items() if _write_if_changed(p, text)]
     # The operator's files: created once (root's alone: they hold secrets), never overwritten.
-    for name, template in (("appliance.env", ENV_FILE_TEMPLATE), ("api-keys", KEY_FILE_TEMPLATE)):
+    # A node needs a key: the key file starts with a new one (root reads it; clients get it).
+    key_file = KEY_FILE_TEMPLATE + secrets.token_urlsafe(32) + "\n"
+    for name, template in (("appliance.env", ENV_FILE_TEMPLATE), ("api-keys", key_file)):
         path = plan.path(f"/etc/gguf-appliance/{name}")
         if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)

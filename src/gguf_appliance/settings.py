@@ -48,7 +48,8 @@ class Settings(BaseSettings):
         DEFAULT_MODEL,
         min_length=1,
         description="Model source: `bundled:NAME`, `hf://OWNER/REPO/FILE.gguf[@REV]`, "
-        "`https://...`, a local path or `file://` URL.",
+        "`https://.../FILE.gguf` (`http://` only with MODEL_SHA256), a local path or `file://` "
+        "URL.",
     )
     model_sha256: str | None = Field(
         None,
@@ -194,6 +195,12 @@ class Settings(BaseSettings):
         "start, unless no key file is set and it listens on loopback only (127.0.0.1, as "
         "`make run`); keys, if given, are required either way.",
     )
+    allowed_hosts: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Host names an open API (no key) answers to, besides IP addresses and "
+        "`localhost` (comma-separated; `*`: any). Another name gets 421: a web page whose "
+        "name was re-pointed at this node (DNS rebinding) cannot use it. Not checked with keys.",
+    )
     health_requires_key: bool = Field(
         False,
         description="Require an API key on /health/live and /health/ready too (the load "
@@ -219,7 +226,9 @@ class Settings(BaseSettings):
         "logged.",
     )
 
-    _split_lists = field_validator("api_keys", "cors_origins", mode="before")(_split_list)
+    _split_lists = field_validator("api_keys", "cors_origins", "allowed_hosts", mode="before")(
+        _split_list
+    )
 
     @field_validator("api_keys")
     @classmethod
