@@ -276,3 +276,20 @@ def test_with_keys_any_host_name_is_answered(start_server: Any) -> None:
         timeout=30,
     )
     assert response.status_code == 200
+
+
+def test_every_response_of_the_node_itself_carries_the_security_headers(
+    server: RunningServer,
+) -> None:
+    # Without NGINX in front too: the page, the API, an error.
+    for response in (
+        httpx.get(server.url("/"), timeout=10),
+        httpx.get(server.url("/v1/models"), timeout=10),
+        httpx.post(server.url("/generate"), content=b"{", timeout=10),
+    ):
+        headers = response.headers
+        assert headers["x-content-type-options"] == "nosniff"
+        assert headers["x-frame-options"] == "DENY"
+        assert headers["referrer-policy"] == "no-referrer"
+        policy = headers["content-security-policy"]
+        assert "frame-ancestors 'none'" in policy and "script-src 'self'" in policy

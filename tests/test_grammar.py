@@ -176,5 +176,7 @@ def test_the_check_agrees_with_llama_cpp(engine: Engine, llama_log: list[str], t
         C.llama_sampler_free(ctypes.c_void_p(pointer) if isinstance(pointer, int) else pointer)
     if ours and not theirs:
         assert any("left recursion" in line for line in llama_log), (text, llama_log)
-    if theirs:
-        assert ours, text
+    if theirs and not ours:
+        # Stricter than llama.cpp on purpose: it keeps the last of two definitions of a rule.
+        with pytest.raises(InvalidRequest, match="twice"):
+            engine.model.check_grammar(text)

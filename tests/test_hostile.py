@@ -126,15 +126,21 @@ HOSTILE_GRAMMARS = {
     "40,000 nested groups": ("root ::= " + "(" * 40_000 + '"a"' + ")" * 40_000, "nests"),
     "a 40 kB literal 2,000 times": ('root ::= "' + "a" * 40_000 + '"{2000}', "expands"),
     "5,000 alternatives": ("root ::= " + " | ".join(f'"w{i}"' for i in range(5000)), "alter"),
-    "4,000 alternatives, each token slow": (
-        "root ::= " + " | ".join(f'"w{i}x"' for i in range(4000)),
-        "ms of CPU",
-    ),
     "left recursion": ('root ::= root "a" | "a"', "left-recursive"),
     "a text token that is two": ("root ::= <hello world>", "not one token"),
     "an undefined rule": ('root ::= "a" b', "undefined rule"),
     "a lone surrogate": ('root ::= "\ud800"', "unicode"),
     "nested repetitions": ('root ::= (("a"{0,60}){0,60})', "repeats too many"),
+    # llama.cpp would count 2**64 - 1 optional copies (an unsigned high - low).
+    "a maximum below the minimum": ('root ::= "a"{1,0}', "at least 1 and at most 0"),
+    "a 30-digit repetition": ('root ::= "a"{0,' + "9" * 30 + "}", "too big a number"),
+    # llama.cpp's left-recursion check is exponential in such chains: its worker is stopped.
+    "2**40 ways to start": (
+        "root ::= a1 | a1\n"
+        + "\n".join(f"a{i} ::= a{i + 1} | a{i + 1}" for i in range(1, 40))
+        + '\na40 ::= "x"',
+        "took more than",
+    ),
 }
 
 
@@ -153,6 +159,57 @@ def test_a_hostile_grammar_gets_400_naming_the_field(scene: Scene, case: str, pa
     error = response.json()["error"]
     assert error["param"] == "grammar"
     assert said in error["message"]
+
+
+TROUBLE_FOR_LLAMA_CPP = {
+    # 4,000 alternatives: masking the vocabulary takes about a second of CPU. A greedy answer
+    # rarely needs the whole mask (its 512 likeliest tokens are tried first); a sampled one
+    # ends with a 400 (or an error event) as soon as one mask costs more than 250 ms.
+    "4,000 alternatives": "root ::= " + " | ".join(f'"w{i}x"' for i in range(4000)),
+    # A token element after a character: llama.cpp's accept throws (an abort) when the first
+    # token has two letters or more; only the grammar's worker process goes.
+    "a token after a character": "root ::= [a-z] !<[0]>",
+    # Each "a" doubles the parse stacks; a token of several a's multiplies them at once.
+    "stacks that double": 'root ::= x\nx ::= "a" x "b" | "a" x "c" | "."',
+}
+
+
+@pytest.mark.parametrize("case", sorted(TROUBLE_FOR_LLAMA_CPP))
+@pytest.mark.parametrize("temperature", [0, 1.0])
+def test_a_grammar_llama_cpp_cannot_handle_ends_its_own_request_only(
+    scene: Scene, case: str, temperature: float
+) -> None:
+    for prompt in ("the", "a" * 64):
+        body = grammar_body(TROUBLE_FOR_LLAMA_CPP[case])
+        body.update(prompt=prompt, temperature=temperature, max_tokens=32)
+        answered_or_refused(post(scene.node, "/v1/completions", body), "grammar")
+
+
+def test_a_vanishing_temperature_under_a_grammar_stays_in_it(scene: Scene) -> None:
+    # Logits divided by 1e-39 overflow; llama.cpp's dist sampler then picks the last
+    # candidate, which may be one the grammar forbids.
+    body = {
+        "prompt": "Is the sky blue?",
+        "temperature": 1e-39,
+        "top_p": 1,
+        "min_p": 0,
+        "max_tokens": 8,
+        "grammar": 'root ::= "true" | "false"',
+    }
+    response = post(scene.node, "/v1/completions", body)
+    assert response.status_code == 200, response.text
+    assert response.json()["choices"][0]["text"] in ("true", "false")
+
+
+def test_an_integer_of_5000_digits_gets_400(scene: Scene) -> None:
+    body = b'{"prompt": "hi", "max_tokens": ' + b"9" * 5000 + b"}"
+    response = httpx.post(
+        scene.node.url("/generate"),
+        content=body,
+        headers={"content-type": "application/json"},
+        timeout=30,
+    )
+    assert response.status_code == 400
 
 
 def test_a_grammar_that_runs_dry_mid_answer_ends_that_stream_with_an_error(scene: Scene) -> None:
@@ -177,8 +234,27 @@ def test_a_grammar_that_runs_dry_mid_answer_ends_that_stream_with_an_error(scene
         {"type": "string", "pattern": "a" * 5000},
         {"type": "string", "minLength": 10**8},
         {"type": "object", "properties": {f"p{i}": {"type": "string"} for i in range(30_000)}},
+        {
+            "$defs": {
+                **{
+                    f"a{i}": {
+                        "anyOf": [{"$ref": f"#/$defs/a{i + 1}"}, {"$ref": f"#/$defs/a{i + 1}"}]
+                    }
+                    for i in range(40)
+                },
+                "a40": {"type": "boolean"},
+            },
+            "anyOf": [{"$ref": "#/$defs/a0"}],
+        },
     ],
-    ids=["pattern-repeat", "pattern-nested", "pattern-long", "minLength", "30k-properties"],
+    ids=[
+        "pattern-repeat",
+        "pattern-nested",
+        "pattern-long",
+        "minLength",
+        "30k-properties",
+        "2**40-ways",
+    ],
 )
 def test_a_hostile_schema_gets_400_naming_response_format(scene: Scene, schema: Any) -> None:
     response = post(scene.node, "/v1/chat/completions", schema_body(schema))
@@ -286,4 +362,6 @@ def test_afterwards_the_node_is_whole(scene: Scene) -> None:
     held = held_over_100ms(node) - scene.lag_before
     assert held == 0, f"the event loop was held over 100 ms {held:.0f} times"
     assert node.process.poll() is None
+    # Every grammar's worker went back to the pool or was stopped: no more than one a slot.
+    assert node.metric("gguf_appliance_grammar_workers") <= 4
     assert "error parsing grammar" not in Path(node.log_path).read_text(errors="replace")

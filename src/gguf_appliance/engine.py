@@ -11,14 +11,16 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import threading
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import ApplianceError, Draining, InvalidRequest, NotReady, PromptTooLong, QueueFull
+from .errors import ApplianceError, Draining, InvalidRequest, NotReady, PromptTooLong
+from .grammar_worker import Grammar, GrammarPool
 from .jobs import DoneEvent, ErrorEvent, Event, GenerationParams, Job, TokenEvent
-from .llama import GrammarSampler, LlamaModel
+from .llama import LlamaModel
 from .scheduler import EngineConfig, SlotScheduler
 
 if TYPE_CHECKING:
@@ -68,6 +70,11 @@ async def load_configured_model(engine: Engine, settings: Settings) -> Path:
     )
     await asyncio.to_thread(engine.load, info.path)
     return info.path
+
+
+def _close_unclaimed(task: asyncio.Future[Grammar]) -> None:
+    if not task.cancelled() and task.exception() is None:
+        task.result().close()
 
 
 class Generation:
@@ -141,6 +148,7 @@ class Engine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         self.model: LlamaModel | None = None
+        self.grammars: GrammarPool | None = None
         self.scheduler: SlotScheduler | None = None
         self.load_seconds: float | None = None
         self.load_error: str | None = None
@@ -148,8 +156,6 @@ class Engine:
         # Called on the scheduler thread with every finished generation (the metrics use it).
         self.on_done: Callable[[DoneEvent], None] | None = None
         self._ids = itertools.count(1)
-        self._grammar_lock = asyncio.Lock()
-        self._grammar_waiting = 0
 
     # --- life cycle ---
 
@@ -170,6 +176,13 @@ class Engine:
             on_done=lambda done: self.on_done(done) if self.on_done else None,
         )
         self.scheduler.start()
+        self.grammars = GrammarPool(
+            model_path,
+            limit=config.n_slots + 2,
+            memory=config.grammar_memory,
+            retry_after=config.retry_after,
+        )
+        threading.Thread(target=self._warm_grammars, name="gguf-grammar-warm", daemon=True).start()
         self.load_seconds = time.monotonic() - started
         log.info(
             "model loaded in %.2f s: %s, %d slots of %d tokens, %d threads",
@@ -180,7 +193,17 @@ class Engine:
             config.threads,
         )
 
+    def _warm_grammars(self) -> None:
+        pool = self.grammars
+        if pool is not None:
+            try:
+                pool.warm()
+            except OSError as exc:  # the first grammar request will try again and say why
+                log.warning("could not start a grammar worker: %s", exc)
+
     def close(self) -> None:
+        if self.grammars is not None:
+            self.grammars.close()
         if self.scheduler is not None:
             self.scheduler.stop()
             self.scheduler = None
@@ -229,31 +252,37 @@ class Engine:
     def tokenize_prompt(self, prompt: str) -> list[int]:
         return self._require_model().text_prompt(prompt)
 
-    def compile_grammar(self, grammar: str, param: str = "grammar") -> GrammarSampler:
-        """Build a request's grammar and try it on a first token (blocking: run it in a thread,
-        see `prepare_grammar`). The text must have passed `grammar.check_gbnf`."""
-        model = self._require_model()
-        return model.grammar_sampler(grammar, self.config.grammar_step_limit, param)
+    def compile_grammar(self, grammar: str, param: str = "grammar") -> Grammar:
+        """Check a request's grammar, load it into a worker process and try it on a first
+        token (blocking: run it in a thread, see `prepare_grammar`)."""
+        self._require_model().check_grammar(grammar, param)
+        if self.grammars is None:
+            raise NotReady("the model is still loading", retry_after=self.config.retry_after)
+        config = self.config
+        return Grammar(
+            self.grammars,
+            grammar,
+            param=param,
+            step_limit=config.grammar_step_limit,
+            hard_limit=config.grammar_hard_limit,
+        )
 
-    async def prepare_grammar(self, grammar: str, param: str = "grammar") -> GrammarSampler:
-        """`compile_grammar` off the event loop, one at a time; 503 when too many wait."""
-        if self._grammar_waiting >= self.config.n_slots + self.config.queue_size:
-            raise QueueFull(
-                "the node is busy building grammars", retry_after=self.config.retry_after
-            )
-        self._grammar_waiting += 1
+    async def prepare_grammar(self, grammar: str, param: str = "grammar") -> Grammar:
+        """`compile_grammar` off the event loop. If the request goes away meanwhile, the
+        grammar is closed when it is ready (its worker goes back to the pool)."""
+        task = asyncio.ensure_future(asyncio.to_thread(self.compile_grammar, grammar, param))
         try:
-            async with self._grammar_lock:
-                return await asyncio.to_thread(self.compile_grammar, grammar, param)
-        finally:
-            self._grammar_waiting -= 1
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            task.add_done_callback(_close_unclaimed)
+            raise
 
     def submit(
         self,
         prompt: list[int],
         params: GenerationParams,
         timeout: float,
-        grammar: GrammarSampler | None = None,
+        grammar: Grammar | None = None,
     ) -> Generation:
         """Queue a tokenized prompt. Raises at once for what can be known before decoding.
 
@@ -276,7 +305,7 @@ class Engine:
         prompt: list[int],
         params: GenerationParams,
         timeout: float,
-        grammar: GrammarSampler | None,
+        grammar: Grammar | None,
     ) -> Generation:
         self._require_model()
         scheduler = self.scheduler

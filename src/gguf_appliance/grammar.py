@@ -51,6 +51,7 @@ def _refuse(message: str, param: str) -> InvalidRequest:
 
 _WORD = re.compile(r"[a-zA-Z0-9-]+")
 _DIGITS = re.compile(r"[0-9]+")
+_MAX_DIGITS = 18  # llama.cpp reads numbers with std::stoull; Python's int() refuses 4,300 digits
 _SPACE_INLINE = re.compile(r"(?:[ \t]|#[^\r\n]*)*")
 _SPACE_NEWLINE = re.compile(r"(?:[ \t\r\n]|#[^\r\n]*)*")
 _HEX = "0123456789abcdefABCDEF"
@@ -138,6 +139,11 @@ class _GbnfReader:
             if not match:
                 raise self.fail("expects a rule name", pos)
             name = match.group()
+            if len(name) > 128:  # llama.cpp copies a rule's name into each rule it makes
+                raise self.fail("has a rule name of more than 128 characters", pos)
+            if self.symbols.get(name):
+                # llama.cpp keeps the last definition; two are a mistake worth saying.
+                raise self.fail(f"defines the rule '{name[:64]}' twice", pos)
             self.symbols[name] = True
             pos = self.space(match.end(), False)
             if not text.startswith("::=", pos):
@@ -242,6 +248,8 @@ class _GbnfReader:
             match = _DIGITS.match(text, pos + 2)
             if not match:
                 raise self.fail("expects a token id in <[...]>", pos)
+            if len(match.group()) > _MAX_DIGITS:
+                raise self.fail("has too big a token id", pos)
             if int(match.group()) > 0xFFFFFFFF:
                 raise self.fail("has too big a token id", pos)
             if text[match.end() : match.end() + 2] != "]>":
@@ -259,6 +267,8 @@ class _GbnfReader:
         match = _DIGITS.match(text, pos)
         if not match:
             raise self.fail("expects a number after '{'", pos)
+        if len(match.group()) > _MAX_DIGITS:
+            raise self.fail("has too big a number", pos)
         low = int(match.group())
         high: int | None = low
         pos = self.space(match.end(), seq.nested)
@@ -267,11 +277,16 @@ class _GbnfReader:
             match = _DIGITS.match(text, pos)
             high = None
             if match:
+                if len(match.group()) > _MAX_DIGITS:
+                    raise self.fail("has too big a number", pos)
                 high = int(match.group())
                 pos = self.space(match.end(), seq.nested)
         if text[pos : pos + 1] != "}":
             raise self.fail("expects '}'", pos)
         pos = self.space(pos + 1, seq.nested)
+        if high is not None and high < low:
+            # llama.cpp counts high - low optional copies in an unsigned integer: 2**64 rules.
+            raise self.fail(f"repeats an item at least {low} and at most {high} times", pos)
         if low > _LLAMA_MAX_REPETITION:
             raise self.fail(f"repeats an item more than {_LLAMA_MAX_REPETITION} times", pos)
         if high is not None and high > _LLAMA_MAX_REPETITION:
@@ -366,6 +381,8 @@ def _pattern_size(pattern: str, limits: GrammarLimits, param: str) -> int:
             totals[-1] += last  # the converter writes one more copy for an open repetition
             i += 1
         elif c == "{" and (match := _QUANTIFIER.match(pattern, i)):
+            if max(len(match.group(1)), len(match.group(2) or "")) > _MAX_DIGITS:
+                raise _refuse("a pattern in this JSON schema has too big a repetition", param)
             low = int(match.group(1) or 0)
             high_text = match.group(2)
             high = low if high_text is None else int(high_text) if high_text else low + 1

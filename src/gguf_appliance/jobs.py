@@ -5,9 +5,13 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from .errors import ApplianceError
-from .llama import GrammarSampler, SamplingParams
+from .llama import SamplingParams
+
+if TYPE_CHECKING:
+    from .grammar_worker import Grammar
 
 
 @dataclass(frozen=True)
@@ -55,7 +59,7 @@ class Job:
     submitted: float = field(default_factory=time.monotonic)
     cancelled: bool = False
     abort: ApplianceError | None = None  # set with `cancelled` when the node ends the job
-    grammar: GrammarSampler | None = None  # built at submit; freed by the scheduler
+    grammar: Grammar | None = None  # loaded at submit; closed by the scheduler
 
     def free_grammar(self) -> None:
         if self.grammar is not None:

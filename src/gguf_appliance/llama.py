@@ -11,11 +11,10 @@ import ctypes
 import logging
 import re
 import secrets
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import llama_cpp as C
 import numpy as np
@@ -23,6 +22,9 @@ from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
 from .errors import InvalidRequest, ModelError
 from .grammar import check_gbnf
+
+if TYPE_CHECKING:
+    from .grammar_worker import Grammar
 
 log = logging.getLogger("gguf_appliance.llama")
 
@@ -94,7 +96,9 @@ class LlamaModel:
         self.n_vocab = int(C.llama_vocab_n_tokens(self.vocab))
         self.n_params = int(C.llama_model_n_params(self.model))
         self._piece_buf = ctypes.create_string_buffer(256)
-        self.end_tokens = [t for t in range(self.n_vocab) if self.is_eog(t)]
+        self._data: Any = None
+        self._ids: Any = None
+        self._array: Any = None
         self._chat = self._chat_formatter()
 
     # --- text and tokens (any thread) ---
@@ -115,6 +119,8 @@ class LlamaModel:
         return list(tokens[:n])
 
     def token_text(self, token: int) -> str:
+        if token < 0:  # a model without that token (no BOS, no EOS): llama.cpp would throw
+            return ""
         return bytes(C.llama_vocab_get_text(self.vocab, token) or b"").decode("utf-8", "replace")
 
     def piece(self, token: int) -> bytes:
@@ -153,13 +159,14 @@ class LlamaModel:
         """
         if self._chat is None:
             raise InvalidRequest("this model has no chat template: send a prompt, not messages")
-        tag = secrets.token_hex(8)
+        tag = secrets.token_hex(8).upper()
         markers: dict[str, str] = {}
         masked = []
         for i, message in enumerate(messages):
             content = message.get("content")
             if isinstance(content, str) and content:
-                marker = f"\x1f{tag}:{i}\x1f"
+                # Letters and digits only: a template's `| trim` or `| upper` must not touch it.
+                marker = f"GGUFMSG{tag}N{i}END"
                 markers[marker] = content
                 message = {**message, "content": marker}
             masked.append(message)
@@ -180,6 +187,13 @@ class LlamaModel:
             add_special = False
             pos = match.end()
         tokens += self.tokenize(rendered[pos:], add_special=add_special, parse_special=True)
+        if pattern is not None and tag.lower() in pattern.sub("", rendered).lower():
+            # A marker the template changed (cut, or lower-cased): that message's text cannot
+            # be put back, so refuse rather than send the model a marker.
+            raise InvalidRequest(
+                "this model's chat template changes a message's text in a way the node cannot "
+                "follow; send a prompt instead"
+            )
         return tokens
 
     def text_prompt(self, prompt: str) -> list[int]:
@@ -196,43 +210,8 @@ class LlamaModel:
                     f"the grammar's {name[:40]} is not one token of this model", param=param
                 )
 
-    def grammar_sampler(
-        self, grammar: str, step_limit: float, param: str = "grammar"
-    ) -> GrammarSampler:
-        """Build a request's grammar (any thread) and try it on the first token: a grammar
-        that allows no token there is refused now, with a 400, not in the middle of the
-        answer."""
-        self.check_grammar(grammar, param)
-        pointer = C.llama_sampler_init_grammar(self.vocab, grammar.encode("utf-8"), b"root")
-        if not pointer:
-            raise InvalidRequest(
-                "llama.cpp could not use the grammar (a rule is left-recursive, or a <token> "
-                "is not one token of this model)",
-                param=param,
-            )
-        sampler = GrammarSampler(pointer, self.n_vocab, self.end_tokens)
-        try:
-            allowed = sampler.probe()
-        except BaseException:
-            sampler.close()
-            raise
-        if not allowed:
-            sampler.close()
-            raise InvalidRequest(
-                "the grammar allows no token of this model at its start", param=param
-            )
-        if sampler.probe_seconds > step_limit:
-            sampler.close()
-            raise InvalidRequest(
-                f"the grammar takes {sampler.probe_seconds * 1000:.0f} ms of CPU to check one "
-                f"token (at most {step_limit * 1000:.0f} ms: every other request would wait "
-                "for it); use fewer alternatives",
-                param=param,
-            )
-        return sampler
-
     def new_sampler(self, params: SamplingParams) -> Any:
-        """The sampler chain of a request, without its grammar (a GrammarSampler runs first)."""
+        """The sampler chain of a request, without its grammar (see sample_constrained)."""
         chain = C.llama_sampler_chain_init(C.llama_sampler_chain_default_params())
         add = C.llama_sampler_chain_add
         if (params.repeat_penalty, params.frequency_penalty, params.presence_penalty) != (1, 0, 0):
@@ -246,7 +225,9 @@ class LlamaModel:
                     params.presence_penalty,
                 ),
             )
-        if params.temperature <= 0.0:
+        # Below 0.001 is greedy: logits divided by 1e-39 overflow, and the softmax of infinities
+        # is NaN, from which llama.cpp's dist sampler picks the last candidate, whatever it is.
+        if params.temperature < 0.001:
             add(chain, C.llama_sampler_init_greedy())
             return chain
         if params.top_k > 0:
@@ -268,31 +249,60 @@ class LlamaModel:
         return int(C.llama_sampler_sample(sampler, self.ctx, batch_index))
 
     def sample_constrained(
-        self, sampler: Any, grammar: GrammarSampler, batch_index: int, greedy: bool
+        self, sampler: Any, grammar: Grammar, batch_index: int, greedy: bool
     ) -> int:
         """Sample under a grammar; -1 if the grammar allows no token here.
 
-        As llama.cpp's own server does: sample as if there were no grammar, and keep the token
+        As llama.cpp's own server does: sample as if there were no grammar and keep the token
         if the grammar allows it (checking one token is cheap); only if not, mask the
-        candidates by the grammar and sample again. Kept tokens follow the grammar-masked
-        distribution all the same. llama_sampler_sample with the grammar in the chain would
-        instead pick a masked token when the grammar allows none, and llama.cpp then aborts
-        the process (GGML_ABORT, or a C++ exception through the C API).
+        candidates with the tokens it allows and sample again. Kept tokens follow the
+        grammar-masked distribution all the same. A greedy pick asks only which of the 512
+        likeliest tokens the grammar allows (the likeliest allowed one is among them if any
+        is), and masks the whole vocabulary only if none is. The grammar itself runs in a
+        worker process (grammar_worker.py): its errors raise InvalidRequest for this request.
         """
         logits = C.llama_get_logits_ith(self.ctx, batch_index)
-        grammar.last_seconds = 0.0
-        candidates = grammar.candidates(logits)
+        candidates = self._candidates(logits)
         C.llama_sampler_apply(sampler, ctypes.byref(candidates))
         token = int(candidates.data[candidates.selected].id)
-        if not grammar.allows(token):
-            masked = grammar.mask(logits, shortlist=greedy)
-            if masked is None:
-                return -1
-            C.llama_sampler_apply(sampler, ctypes.byref(masked))
-            token = int(masked.data[masked.selected].id)
-        grammar.accept(token)
+        shortlist = None
+        if greedy and self.n_vocab > 512:
+            scores = np.ctypeslib.as_array(logits, shape=(self.n_vocab,))
+            shortlist = np.argpartition(scores, -512)[-512:]
+        allowed = grammar.step(token, self.n_vocab, shortlist)
+        if allowed is None:
+            return -1
+        if allowed is not True:
+            candidates = self._candidates(logits)
+            self._data["logit"][~allowed] = -np.inf
+            C.llama_sampler_apply(sampler, ctypes.byref(candidates))
+            token = int(candidates.data[candidates.selected].id)
+            if not allowed[token]:  # a sampler that picked a masked token (NaN logits)
+                scores = np.ctypeslib.as_array(logits, shape=(self.n_vocab,))
+                token = int(np.flatnonzero(allowed)[np.argmax(scores[allowed])])
+            grammar.accept(token)
         C.llama_sampler_accept(sampler, token)
         return token
+
+    def _candidates(self, logits: Any) -> Any:
+        """Every token with its logit, in an array reused from step to step."""
+        if self._data is None:
+            dtype = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])
+            self._data = np.zeros(self.n_vocab, dtype=dtype)
+            self._ids = np.arange(self.n_vocab, dtype=np.int32)
+            self._array = C.llama_token_data_array(
+                data=self._data.ctypes.data_as(C.llama_token_data_p),
+                size=self.n_vocab,
+                selected=-1,
+                sorted=False,
+            )
+        self._data["id"] = self._ids
+        self._data["logit"] = np.ctypeslib.as_array(logits, shape=(self.n_vocab,))
+        self._data["p"] = 0.0
+        self._array.size = self.n_vocab
+        self._array.selected = -1
+        self._array.sorted = False
+        return self._array
 
     def forget(self, seq: int, start: int) -> bool:
         """Drop the sequence's KV from position `start` on; False if the model cannot."""
@@ -336,96 +346,3 @@ class Batch:
 
     def free(self) -> None:
         C.llama_batch_free(self.raw)
-
-
-class GrammarSampler:
-    """llama.cpp's grammar sampler for one request, applied apart from the rest of the chain.
-
-    llama.cpp checks every candidate against every parse stack: masking the whole vocabulary
-    (49 k tokens for SmolLM2) costs milliseconds for a JSON grammar and a tenth of a second for
-    an enum of 250 strings, on the thread every stream shares. `allows` checks one token;
-    `mask` masks the vocabulary, or for a greedy pick first only the `shortlist` likeliest
-    tokens (the likeliest allowed one is then the same). `last_seconds` is the CPU time the
-    grammar took in this step: the scheduler ends a request whose grammar stalls the rest.
-    """
-
-    def __init__(self, pointer: Any, n_vocab: int, end_tokens: Sequence[int]) -> None:
-        self.pointer = pointer
-        self.n_vocab = n_vocab
-        self.shortlist = min(512, n_vocab)
-        self._end_tokens = np.array(sorted(set(end_tokens)), dtype=np.int64)
-        dtype = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])
-        self._data = np.zeros(n_vocab, dtype=dtype)
-        self._one = np.zeros(1, dtype=dtype)
-        self._ids = np.arange(n_vocab, dtype=np.int32)
-        self._array = self._array_of(self._data)
-        self._one_array = self._array_of(self._one)
-        self.last_seconds = 0.0
-        self.probe_seconds = 0.0
-
-    @staticmethod
-    def _array_of(data: Any) -> Any:
-        return C.llama_token_data_array(
-            data=data.ctypes.data_as(C.llama_token_data_p),
-            size=len(data),
-            selected=-1,
-            sorted=False,
-        )
-
-    def _apply(self, array: Any, data: Any, size: int) -> bool:
-        """Mask the first `size` candidates; True if some token is left."""
-        data["p"][:size] = 0.0
-        array.size = size
-        array.selected = -1
-        array.sorted = False
-        started = time.thread_time()  # CPU time, not the clock: however busy the machine is
-        C.llama_sampler_apply(self.pointer, ctypes.byref(array))
-        self.last_seconds += time.thread_time() - started
-        return bool(np.isfinite(data["logit"][:size]).any())
-
-    def candidates(self, logits: Any) -> Any:
-        """Every token with its logit, unmasked."""
-        self._data["id"] = self._ids
-        self._data["logit"] = np.ctypeslib.as_array(logits, shape=(self.n_vocab,))
-        self._data["p"] = 0.0
-        self._array.size = self.n_vocab
-        self._array.selected = -1
-        self._array.sorted = False
-        return self._array
-
-    def allows(self, token: int) -> bool:
-        self._one[0] = (token, 0.0, 0.0)
-        return self._apply(self._one_array, self._one, 1)
-
-    def mask(self, logits: Any, *, shortlist: bool) -> Any:
-        """The candidates with what the grammar forbids masked; None if it allows none."""
-        scores = np.ctypeslib.as_array(logits, shape=(self.n_vocab,))
-        if shortlist and self.shortlist < self.n_vocab:
-            likeliest = np.argpartition(scores, -self.shortlist)[-self.shortlist :]
-            ids = np.union1d(likeliest, self._end_tokens)
-            n = len(ids)
-            self._data["id"][:n] = ids
-            self._data["logit"][:n] = scores[ids]
-            if self._apply(self._array, self._data, n):
-                return self._array
-        self._data["id"] = self._ids
-        self._data["logit"] = scores
-        return self._array if self._apply(self._array, self._data, self.n_vocab) else None
-
-    def probe(self) -> bool:
-        """Whether the grammar allows any token at its start; `probe_seconds` is what
-        masking the whole vocabulary cost there."""
-        self.last_seconds = 0.0
-        self._data["id"] = self._ids
-        self._data["logit"] = 0.0
-        allowed = self._apply(self._array, self._data, self.n_vocab)
-        self.probe_seconds = self.last_seconds
-        return allowed
-
-    def accept(self, token: int) -> None:
-        C.llama_sampler_accept(self.pointer, token)
-
-    def close(self) -> None:
-        if self.pointer is not None:
-            C.llama_sampler_free(self.pointer)
-            self.pointer = None

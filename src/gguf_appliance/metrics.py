@@ -71,6 +71,11 @@ class Metrics:
             "Seconds the model took to load (0 until loaded).",
             registry=registry,
         ).set_function(lambda: engine.load_seconds or 0.0)
+        Gauge(
+            p + "grammar_workers",
+            "Grammar worker processes: one per request with a grammar, and one kept idle.",
+            registry=registry,
+        ).set_function(lambda: engine.grammars.workers if engine.grammars else 0)
         Gauge(p + "ready", "1 when the node takes requests.", registry=registry).set_function(
             lambda: float(engine.ready and not engine.draining)
         )

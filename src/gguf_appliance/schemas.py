@@ -212,8 +212,8 @@ def parse_body(body: bytes, model: type[_Body]) -> _Body:
     """Parse a JSON request body into `model`, or raise InvalidRequest saying what is wrong."""
     try:
         data: Any = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InvalidRequest(f"the body is not valid JSON: {exc}") from None
+    except (ValueError, UnicodeDecodeError) as exc:  # also an integer of over 4,300 digits
+        raise InvalidRequest(f"the body is not valid JSON: {str(exc)[:200]}") from None
     except RecursionError:
         raise InvalidRequest("the body's JSON nests too deeply") from None
     if not isinstance(data, dict):
