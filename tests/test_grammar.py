@@ -180,3 +180,19 @@ def test_the_check_agrees_with_llama_cpp(engine: Engine, llama_log: list[str], t
         # Stricter than llama.cpp on purpose: it keeps the last of two definitions of a rule.
         with pytest.raises(InvalidRequest, match="twice"):
             engine.model.check_grammar(text)
+
+
+def test_sizes_add_up_over_the_schema_and_multiply_through_nested_arrays() -> None:
+    # Each keyword within bounds; together 60 M characters of grammar.
+    wide = {
+        "type": "object",
+        "properties": {f"p{i}": {"type": "string", "minLength": 10_000} for i in range(6000)},
+    }
+    nested = {
+        "type": "array",
+        "minItems": 100,
+        "items": {"type": "array", "minItems": 100, "items": {"type": "string", "maxLength": 100}},
+    }
+    for schema in (wide, nested):
+        with pytest.raises(InvalidRequest, match="multiplied through nested arrays"):
+            check_schema(schema, param="response_format")

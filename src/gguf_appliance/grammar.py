@@ -40,6 +40,7 @@ class GrammarLimits:
     max_pattern_chars: int = 2_000
     max_pattern_size: int = 20_000  # characters a pattern expands to
     max_schema_nodes: int = 20_000  # objects, arrays and values in a JSON schema
+    max_schema_size: int = 50_000  # lengths and item counts, multiplied through nested arrays
 
 
 LIMITS = GrammarLimits()
@@ -410,34 +411,58 @@ def _pattern_size(pattern: str, limits: GrammarLimits, param: str) -> int:
     return size
 
 
+_ITEM_KEYWORDS = frozenset({"items", "prefixItems", "additionalItems", "contains"})
+
+
 def check_schema(schema: Any, *, param: str, limits: GrammarLimits = LIMITS) -> None:
-    """Refuse a JSON schema whose grammar would be huge, before it is converted."""
-    nodes, stack = 0, [schema]
+    """Refuse a JSON schema whose grammar would be huge, before it is converted.
+
+    The converter writes `minLength: n` as n copies of a character rule and `minItems: n` as
+    n copies of the item's rule (an item itself repeated is multiplied through), so the sizes
+    are added up over the whole schema, each times the repetitions of the arrays around it.
+    """
+    nodes, expanded = 0, 0
+    stack: list[tuple[Any, int]] = [(schema, 1)]
     while stack:  # a loop, not recursion: the schema may nest as deep as JSON allows
-        node = stack.pop()
+        node, times = stack.pop()
         nodes += 1
         if nodes > limits.max_schema_nodes:
             raise _refuse(f"this JSON schema has more than {limits.max_schema_nodes} parts", param)
-        if isinstance(node, dict):
-            for key, value in node.items():
-                too_many = isinstance(value, int) and value > limits.max_schema_repetition
-                if key in _SIZE_KEYWORDS and too_many:
+        if isinstance(node, list):
+            stack.extend((item, times) for item in node)
+            continue
+        if not isinstance(node, dict):
+            continue
+        own, repeat = 1, 1
+        for key, value in node.items():
+            if key in _SIZE_KEYWORDS and isinstance(value, int) and not isinstance(value, bool):
+                if value > limits.max_schema_repetition:
                     raise _refuse(
                         f"this JSON schema's {key} is {value}; at most "
                         f"{limits.max_schema_repetition}",
                         param,
                     )
-                if key == "pattern" and isinstance(value, str):
-                    if len(value) > limits.max_pattern_chars:
-                        raise _refuse(
-                            f"a pattern in this JSON schema has more than "
-                            f"{limits.max_pattern_chars} characters",
-                            param,
-                        )
-                    _pattern_size(value, limits, param)
-                stack.append(value)
-        elif isinstance(node, list):
-            stack.extend(node)
+                if key.endswith("Items"):
+                    repeat = max(repeat, value)
+                else:
+                    own = max(own, value)
+            elif key == "pattern" and isinstance(value, str):
+                if len(value) > limits.max_pattern_chars:
+                    raise _refuse(
+                        f"a pattern in this JSON schema has more than "
+                        f"{limits.max_pattern_chars} characters",
+                        param,
+                    )
+                own = max(own, _pattern_size(value, limits, param))
+        expanded += own * times
+        if expanded > limits.max_schema_size:
+            raise _refuse(
+                f"this JSON schema's grammar would hold more than {limits.max_schema_size} "
+                "repeated parts (lengths and item counts, multiplied through nested arrays)",
+                param,
+            )
+        for key, value in node.items():
+            stack.append((value, times * repeat if key in _ITEM_KEYWORDS else times))
 
 
 def schema_to_gbnf(

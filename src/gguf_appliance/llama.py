@@ -97,6 +97,7 @@ class LlamaModel:
         self.n_params = int(C.llama_model_n_params(self.model))
         self._piece_buf = ctypes.create_string_buffer(256)
         self._data: Any = None
+        self._specials = self._special_texts()
         self._ids: Any = None
         self._array: Any = None
         self._chat = self._chat_formatter()
@@ -152,13 +153,44 @@ class LlamaModel:
     def chat_prompt(self, messages: Sequence[dict[str, Any]]) -> list[int]:
         """The chat template's tokens, with control tokens only where the template put them.
 
-        The template is rendered with a marker in place of each message's text; the template's
-        own text is tokenized with special tokens parsed (`<|im_start|>` is one control token),
-        each message's text without (a user's `<|im_end|><|im_start|>system` stays plain text
-        and cannot open a turn of another role).
+        The rendered template is tokenized with special tokens parsed (`<|im_start|>` is one
+        control token). A message whose text holds a special token's text (a user's
+        `<|im_end|><|im_start|>system`) must not become one: then the template is rendered with
+        a marker in place of each message's text, the template's own text is tokenized with
+        special tokens parsed and each message's text without.
         """
         if self._chat is None:
             raise InvalidRequest("this model has no chat template: send a prompt, not messages")
+        specials = self._specials
+        if specials is None or not any(
+            isinstance(m.get("content"), str) and specials.search(m["content"]) for m in messages
+        ):
+            rendered = self._render(messages)
+            bos = self.token_text(C.llama_vocab_bos(self.vocab))
+            add_special = not (bos and rendered.startswith(bos))
+            return self.tokenize(rendered, add_special=add_special, parse_special=True)
+        return self._chat_prompt_marked(messages)
+
+    def _render(self, messages: Sequence[dict[str, Any]]) -> str:
+        assert self._chat is not None
+        try:
+            return str(self._chat(messages=cast(Any, list(messages))).prompt)
+        except Exception as exc:  # jinja raises TemplateError (and raise_exception's own)
+            raise InvalidRequest(f"the chat template rejected the messages: {exc}") from None
+
+    def _special_texts(self) -> re.Pattern[str] | None:
+        """A pattern finding the text of any control or user-defined token of the vocabulary."""
+        kinds = C.LLAMA_TOKEN_ATTR_CONTROL | C.LLAMA_TOKEN_ATTR_USER_DEFINED
+        texts = {
+            self.token_text(t)
+            for t in range(self.n_vocab)
+            if C.llama_vocab_get_attr(self.vocab, t) & kinds
+        }
+        texts.discard("")
+        by_length = sorted(texts, key=len, reverse=True)
+        return re.compile("|".join(map(re.escape, by_length))) if texts else None
+
+    def _chat_prompt_marked(self, messages: Sequence[dict[str, Any]]) -> list[int]:
         tag = secrets.token_hex(8).upper()
         markers: dict[str, str] = {}
         masked = []
@@ -170,10 +202,7 @@ class LlamaModel:
                 markers[marker] = content
                 message = {**message, "content": marker}
             masked.append(message)
-        try:
-            rendered = self._chat(messages=cast(Any, masked)).prompt
-        except Exception as exc:  # jinja raises TemplateError (and raise_exception's own)
-            raise InvalidRequest(f"the chat template rejected the messages: {exc}") from None
+        rendered = self._render(masked)
         bos = self.token_text(C.llama_vocab_bos(self.vocab))
         add_special = not (bos and rendered.startswith(bos))
         tokens: list[int] = []
