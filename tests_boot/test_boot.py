@@ -10,6 +10,7 @@ is a local file and pip's cache is shared so llama-cpp-python is not rebuilt fro
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -180,6 +181,29 @@ def test_fresh_node_serves_through_nginx_then_survives_kill_9(node: int) -> None
     with httpx.stream("POST", generate, json=body, headers=headers, timeout=60) as response:
         events = [line for line in response.iter_lines() if line.startswith("event:")]
     assert events.count("event: token") > 1 and events[-1] == "event: done"
+    # A grammar runs in a worker process the node starts: it must start under the unit's
+    # sandbox (system-call filter, address-space limit) and answer within the grammar.
+    chat = {
+        "messages": [{"role": "user", "content": "Is water wet? Answer in JSON."}],
+        "max_tokens": 24,
+        "temperature": 0,
+        "response_format": {
+            "type": "json_schema",
+            "json_schema": {
+                "schema": {
+                    "type": "object",
+                    "properties": {"wet": {"type": "boolean"}},
+                    "required": ["wet"],
+                }
+            },
+        },
+    }
+    answer = httpx.post(
+        "http://127.0.0.1:80/v1/chat/completions", json=chat, headers=headers, timeout=60
+    )
+    assert answer.status_code == 200, answer.text
+    content = answer.json()["choices"][0]["message"]["content"]
+    assert isinstance(json.loads(content)["wet"], bool)
 
     killed = in_container(node, "systemctl", "kill", "--signal=KILL", "gguf-appliance.service")
     assert killed.returncode == 0, killed.stderr
