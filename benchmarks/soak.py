@@ -40,6 +40,7 @@ import httpx
 
 KEY = "soak-key-" + "s" * 24
 AUTH = {"Authorization": f"Bearer {KEY}"}
+JSON_AUTH = {**AUTH, "Content-Type": "application/json"}
 TOPICS = ["dragons", "the sea", "robots", "bread", "the moon", "rivers", "chess", "owls"]
 MAX_TOKENS_CAP = 48
 MAX_BODY_BYTES = 64 * 1024
@@ -189,7 +190,15 @@ async def completion(client: httpx.AsyncClient, rng: random.Random) -> str:
 
 INVALID: list[tuple[str, str, dict[str, Any], int]] = [
     # (method, path, request arguments, expected status)
-    ("POST", "/generate", {"content": b'{"prompt": ', "headers": AUTH}, 400),
+    ("POST", "/generate", {"content": b'{"prompt": ', "headers": JSON_AUTH}, 400),
+    ("POST", "/generate", {"content": b'{"prompt": "hi"}', "headers": AUTH}, 415),
+    # Once the end of every stream on the node (GGML_ABORT): a grammar that allows no token.
+    (
+        "POST",
+        "/generate",
+        {"json": {"prompt": "hi", "grammar": 'root ::= "\\x00"'}, "headers": AUTH},
+        400,
+    ),
     ("POST", "/generate", {"json": {"prompt": "hi", "temperature": 9}, "headers": AUTH}, 400),
     ("POST", "/generate", {"json": {"prompt": "hi", "max_tokens": 10**6}, "headers": AUTH}, 400),
     ("POST", "/generate", {"json": {"prompt": "word " * 1500}, "headers": AUTH}, 400),
@@ -226,7 +235,7 @@ INVALID: list[tuple[str, str, dict[str, Any], int]] = [
         },
         400,
     ),
-    ("POST", "/generate", {"content": b"[" * 5000 + b"]" * 5000, "headers": AUTH}, 400),
+    ("POST", "/generate", {"content": b"[" * 5000 + b"]" * 5000, "headers": JSON_AUTH}, 400),
     ("GET", "/generate", {"headers": AUTH}, 405),
     ("GET", "/no-such-file", {}, 404),
 ]
@@ -354,7 +363,7 @@ SOCKET_KINDS: dict[str, tuple[ClientKind, int]] = {
     "leave_before_answer": (leave_before_answer, 6),
 }
 KINDS = {**HTTP_KINDS, **SOCKET_KINDS}
-GOOD = {"200", "503", "left", "400", "401", "404", "405", "413"}
+GOOD = {"200", "503", "left", "400", "401", "404", "405", "413", "415"}
 
 
 async def run_clients(node: Node, clients: int, seconds: float, seed: int, tally: Tally) -> None:

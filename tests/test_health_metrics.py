@@ -17,7 +17,7 @@ def test_ready_is_503_loading_before_the_model_is_loaded() -> None:
 
     async def probe() -> tuple[httpx.Response, httpx.Response, httpx.Response]:
         transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://node") as client:
+        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as client:
             return (
                 await client.get("/health/live"),
                 await client.get("/health/ready"),

@@ -175,7 +175,7 @@ def test_a_client_that_leaves_mid_body_is_a_499_not_a_traceback(server: RunningS
     # Found by the soak: starlette's ClientDisconnect escaped as a 500 with a traceback.
     with socket.create_connection(("127.0.0.1", server.port)) as sock:
         sock.sendall(
-            b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"POST /generate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
             b"X-Request-ID: req-half-body\r\nContent-Length: 100\r\n\r\n"
             b'{"prompt": "hel'
         )
