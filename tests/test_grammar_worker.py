@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -84,3 +89,49 @@ def test_a_worker_that_runs_out_of_memory_only_fails_its_request(model_path: Pat
         load(small, 'root ::= "a"').close()
     finally:
         small.close()
+
+
+def test_a_worker_ends_with_its_node_even_one_killed_with_9(model_path: Path) -> None:
+    node = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time\n"
+            "from pathlib import Path\n"
+            "from gguf_appliance.grammar_worker import GrammarPool\n"
+            "pool = GrammarPool(Path(sys.argv[1]), limit=1, memory=1 << 30, retry_after=1)\n"
+            "worker = pool.acquire()\n"
+            "import threading\n"
+            # Busy in llama.cpp for hours: the left-recursion check of 2**40 ways to start.
+            "text = 'root ::= a1 | a1\\n' + ''.join("
+            "f'a{i} ::= a{i + 1} | a{i + 1}\\n' for i in range(1, 40)) + 'a40 ::= \"x\"'\n"
+            "threading.Thread(target=worker.call, args=(1, 0, text.encode(), 3600)).start()\n"
+            "time.sleep(1)\n"
+            "print(worker.process.pid, flush=True)\n"
+            "time.sleep(600)\n",
+            str(model_path),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert node.stdout is not None
+    worker = int(node.stdout.readline())
+    node.kill()
+    node.wait()
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{worker}").exists() and time.monotonic() < deadline:
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(worker, os.WNOHANG)  # not our child: only reaped by init
+        time.sleep(0.1)
+    status = Path(f"/proc/{worker}/stat")
+    assert not status.exists() or status.read_text().split()[2] == "Z", "the worker outlived it"
+
+
+def test_an_idle_worker_that_died_is_not_handed_out(pool: GrammarPool) -> None:
+    first = load(pool, 'root ::= "a"')
+    worker = first.worker
+    assert worker is not None
+    first.close()
+    worker.process.kill()  # as the OOM killer would
+    worker.process.wait()
+    load(pool, 'root ::= "b"').close()  # a new worker, not an error

@@ -55,9 +55,18 @@ def _read_exact(stream: IO[bytes], size: int) -> bytes | None:
     return data
 
 
+def _exit_with_parent(parent: int) -> None:
+    """A node killed with -9 closes the pipe, but a worker deep in llama.cpp would not read
+    it until the grammar call returns: watch the parent instead (ctypes calls free the GIL)."""
+    while os.getppid() == parent:
+        time.sleep(1)
+    os._exit(0)
+
+
 def _worker(model: str, memory: int) -> None:
     resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # an abort is a lost request, not a dump
+    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
     import llama_cpp as C
 
     @C.llama_log_callback  # type: ignore[untyped-decorator]
@@ -245,7 +254,12 @@ class GrammarPool:
                     retry_after=self.retry_after,
                 )
             self._busy += 1
-            worker = self._idle.pop()[1] if self._idle else None
+            worker = None
+            while self._idle and worker is None:
+                worker = self._idle.pop()[1]
+                if worker.process.poll() is not None:  # died while idle (the OOM killer...)
+                    worker.kill()
+                    worker = None
         if worker is None:
             try:
                 worker = GrammarWorker(self.model, self.memory)
