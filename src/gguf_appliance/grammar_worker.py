@@ -175,6 +175,7 @@ class GrammarWorker:
             [sys.executable, "-m", "gguf_appliance.grammar_worker", str(model), str(memory)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
+            bufsize=0,  # each request is one write; nothing is left in a buffer
             stderr=subprocess.DEVNULL,  # llama.cpp prints a grammar it refuses: user data
             start_new_session=True,  # a Ctrl-C meant for the node is the node's to handle
         )
@@ -186,13 +187,18 @@ class GrammarWorker:
     def call(self, op: int, token: int, payload: bytes, timeout: float) -> tuple[int, float, bytes]:
         """The worker's answer; raises TimeoutError (the worker is then killed) or EOFError
         (it died: out of memory, or an abort in llama.cpp)."""
-        try:
-            self._in.write(_REQUEST.pack(op, token, len(payload)) + payload)
-            self._in.flush()
-        except OSError:
-            self.kill()
-            raise EOFError from None
         deadline = time.monotonic() + timeout
+        data = memoryview(_REQUEST.pack(op, token, len(payload)) + payload)
+        while data:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([], [self._in], [], left)[1]:
+                self.kill()
+                raise TimeoutError
+            try:
+                data = data[self._in.write(data) or 0 :]
+            except OSError:
+                self.kill()
+                raise EOFError from None
         header = self._read(_REPLY.size, deadline)
         status, cpu, size = _REPLY.unpack(header)
         return status, cpu, self._read(size, deadline) if size else b""
@@ -218,7 +224,8 @@ class GrammarWorker:
             with contextlib.suppress(ProcessLookupError):
                 self.process.send_signal(signal.SIGKILL)
             self.process.wait()
-            self._in.close()
+            with contextlib.suppress(OSError):  # a pipe to a dead process: nothing to flush to
+                self._in.close()
             if self.process.stdout is not None:
                 self.process.stdout.close()
 
