@@ -33,7 +33,7 @@ from typing import IO, Any
 
 import numpy as np
 
-from .errors import InvalidRequest, QueueFull
+from .errors import InvalidRequest, QueueFull, Unavailable
 
 # A request: op, token, payload length. A reply: status, CPU seconds, payload length.
 _REQUEST = struct.Struct("<BiI")
@@ -270,9 +270,14 @@ class GrammarPool:
         if worker is None:
             try:
                 worker = GrammarWorker(self.model, self.memory)
-            except BaseException:
+            except BaseException as exc:
                 with self._lock:
                     self._busy -= 1
+                if isinstance(exc, OSError):  # no process to be had (memory, process limit)
+                    raise Unavailable(
+                        f"cannot start a grammar worker: {exc.strerror or exc}",
+                        retry_after=self.retry_after,
+                    ) from None
                 raise
         return worker
 
