@@ -20,6 +20,14 @@ from gguf_appliance.settings import DEFAULT_MODEL
 from gguf_appliance.sources import resolve_source
 
 
+def wait_until(condition: Callable[[], object], timeout: float, what: str) -> None:
+    """Return once `condition()` is true; fail saying `what` did not happen in `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"{what} (waited {timeout:g} s)"
+        time.sleep(0.05)
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -13,7 +13,7 @@ import pytest
 
 from gguf_appliance.keys import ApiKeys, KeyFileError, key_digest, read_key_file
 
-from .conftest import RunningServer
+from .conftest import RunningServer, wait_until
 
 KEY = "k" * 24
 
@@ -198,9 +198,7 @@ def test_an_emptied_key_file_keeps_the_keys_in_force_on_sighup(
     node = start_server(api_key_file=key_file)
     key_file.write_text(COMMENTS_ONLY)
     node.process.send_signal(signal.SIGHUP)
-    deadline = time.monotonic() + 10
-    while "not reloaded" not in node.log() and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_until(lambda: "not reloaded" in node.log(), 10, "the reload was never refused")
     assert "holds no key" in node.log()
     assert authorized(node, "x" * 24) == 401
     assert httpx.get(node.url("/v1/models")).status_code == 401

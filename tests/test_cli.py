@@ -4,7 +4,6 @@ import json
 import re
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,8 @@ from gguf_appliance.cli import settings_markdown
 from gguf_appliance.errors import ModelError
 from gguf_appliance.gguf_file import inspect_gguf
 from gguf_appliance.sources import sha256_of
+
+from .conftest import wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -157,16 +158,18 @@ def test_serve_with_wrong_typed_metadata_says_why_on_ready_and_stays_up(
     model = small_gguf(tmp_path / "odd.gguf", llama__context_length="4096")
     node = start_server(ready=False, model=str(model))
     node.wait_live()
-    deadline = time.monotonic() + 30
-    while (ready := httpx.get(node.url("/health/ready"), timeout=5)).json()["status"] == "loading":
-        assert time.monotonic() < deadline, ready.text
-        time.sleep(0.1)
+
+    def loaded() -> bool:
+        return bool(httpx.get(node.url("/health/ready"), timeout=5).json()["status"] != "loading")
+
+    wait_until(loaded, 30, "the model never stopped loading")
+    ready = httpx.get(node.url("/health/ready"), timeout=5)
     assert ready.status_code == 503
     assert ready.json() == {
         "status": "failed",
         "reason": f"bad GGUF metadata in {model}: llama.context_length should be an integer, "
         "not string",
     }
-    time.sleep(1)
-    assert node.process.poll() is None  # up and saying why; no restart would help
+    node.wait_live()  # up and saying why; no restart would help
+    assert node.process.poll() is None
     assert "Traceback" not in node.log()

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
-import os
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,6 +11,8 @@ import pytest
 
 from gguf_appliance.errors import InvalidRequest, QueueFull
 from gguf_appliance.grammar_worker import Grammar, GrammarPool
+
+from .conftest import wait_until
 
 
 @pytest.fixture
@@ -106,7 +105,6 @@ def test_a_worker_ends_with_its_node_even_one_killed_with_9(model_path: Path) ->
             "text = 'root ::= a1 | a1\\n' + ''.join("
             "f'a{i} ::= a{i + 1} | a{i + 1}\\n' for i in range(1, 40)) + 'a40 ::= \"x\"'\n"
             "threading.Thread(target=worker.call, args=(1, 0, text.encode(), 3600)).start()\n"
-            "time.sleep(1)\n"
             "print(worker.process.pid, flush=True)\n"
             "time.sleep(600)\n",
             str(model_path),
@@ -116,15 +114,20 @@ def test_a_worker_ends_with_its_node_even_one_killed_with_9(model_path: Path) ->
     )
     assert node.stdout is not None
     worker = int(node.stdout.readline())
+    stat = Path(f"/proc/{worker}/stat")
+
+    def cpu_ticks() -> int:
+        return sum(int(x) for x in stat.read_text().rsplit(")", 1)[1].split()[11:13])
+
+    # Busy in llama.cpp (its CPU time grows) before the node goes.
+    wait_until(lambda: cpu_ticks() > 20, 30, "the worker never got busy")
     node.kill()
     node.wait()
-    deadline = time.monotonic() + 10
-    while Path(f"/proc/{worker}").exists() and time.monotonic() < deadline:
-        with contextlib.suppress(ChildProcessError):
-            os.waitpid(worker, os.WNOHANG)  # not our child: only reaped by init
-        time.sleep(0.1)
-    status = Path(f"/proc/{worker}/stat")
-    assert not status.exists() or status.read_text().split()[2] == "Z", "the worker outlived it"
+
+    def gone() -> bool:  # not our child: reaped by init, or a zombie until then
+        return not stat.exists() or stat.read_text().rsplit(")", 1)[1].split()[0] == "Z"
+
+    wait_until(gone, 10, "the worker outlived its node")
 
 
 def test_an_idle_worker_that_died_is_not_handed_out(pool: GrammarPool) -> None:
