@@ -324,14 +324,16 @@ class Grammar:
     ) -> None:
         self.pool = pool
         self.param = param
-        # Trying the grammar on its first token masks the whole vocabulary; it runs off the
-        # scheduler's thread, so it may take longer than a step.
-        self.step_limit = 4 * step_limit
+        self.step_limit = step_limit
         self.hard_limit = hard_limit
         self.n_tokens = 0
         self.worker: GrammarWorker | None = pool.acquire()
         try:
-            status, _ = self._call(LOAD, 0, text.encode("utf-8"), max(hard_limit, 3.0), "start")
+            # Trying the grammar on its first token masks the whole vocabulary, off the
+            # scheduler's thread: it may take longer than a step.
+            status, _ = self._call(
+                LOAD, 0, text.encode(), "start", max(hard_limit, 3.0), 4 * step_limit
+            )
         except BaseException:
             self.close()
             raise
@@ -347,11 +349,18 @@ class Grammar:
             raise InvalidRequest(
                 "the grammar allows no token of this model at its start", param=param
             )
-        self.step_limit = step_limit
 
     def _call(
-        self, op: int, token: int, payload: bytes, timeout: float, where: str
+        self,
+        op: int,
+        token: int,
+        payload: bytes,
+        where: str,
+        timeout: float | None = None,
+        cpu_limit: float | None = None,
     ) -> tuple[int, bytes]:
+        timeout = self.hard_limit if timeout is None else timeout
+        cpu_limit = self.step_limit if cpu_limit is None else cpu_limit
         worker = self.worker
         assert worker is not None
         try:
@@ -368,10 +377,10 @@ class Grammar:
                 "llama.cpp's grammar code gave up on this grammar",
                 param=self.param,
             ) from None
-        if cpu > self.step_limit:
+        if cpu > cpu_limit:
             raise InvalidRequest(
                 f"the grammar takes {cpu * 1000:.0f} ms of CPU to check one token ({where}; at "
-                f"most {self.step_limit * 1000:.0f} ms); use fewer alternatives",
+                f"most {cpu_limit * 1000:.0f} ms); use fewer alternatives",
                 param=self.param,
             )
         return status, reply
@@ -385,7 +394,7 @@ class Grammar:
         the tokens it allows (only among `shortlist`, token ids, when some of those are
         allowed); None if it allows none."""
         payload = b"" if shortlist is None else shortlist.astype(np.int32).tobytes()
-        status, reply = self._call(STEP, token, payload, self.hard_limit, self._where())
+        status, reply = self._call(STEP, token, payload, self._where())
         if status == OK:
             self.n_tokens += 1
             return True
@@ -398,7 +407,7 @@ class Grammar:
         return np.unpackbits(np.frombuffer(reply, dtype=np.uint8), count=n_vocab).astype(bool)
 
     def accept(self, token: int) -> None:
-        self._call(ACCEPT, token, b"", self.hard_limit, self._where())
+        self._call(ACCEPT, token, b"", self._where())
         self.n_tokens += 1
 
     def close(self) -> None:

@@ -65,6 +65,12 @@ class SamplingParams:
     grammar: str | None = None  # GBNF; the answer must match its `root` rule
     grammar_field: str = "grammar"  # the request field it came from, for errors
 
+    @property
+    def greedy(self) -> bool:
+        # Below 0.001 too: logits divided by 1e-39 overflow, and the softmax of infinities is
+        # NaN, from which llama.cpp's dist sampler picks the last candidate, whatever it is.
+        return self.temperature < 0.001
+
 
 class LlamaModel:
     """A loaded GGUF model with one context of `n_seq` sequences."""
@@ -254,9 +260,7 @@ class LlamaModel:
                     params.presence_penalty,
                 ),
             )
-        # Below 0.001 is greedy: logits divided by 1e-39 overflow, and the softmax of infinities
-        # is NaN, from which llama.cpp's dist sampler picks the last candidate, whatever it is.
-        if params.temperature < 0.001:
+        if params.greedy:
             add(chain, C.llama_sampler_init_greedy())
             return chain
         if params.top_k > 0:

@@ -294,9 +294,8 @@ class SlotScheduler:
                 self._accept(slot, model.sample(slot.sampler, slot.batch_index))
                 continue
             try:
-                greedy = job.params.sampling.temperature < 0.001
                 token = model.sample_constrained(
-                    slot.sampler, job.grammar, slot.batch_index, greedy
+                    slot.sampler, job.grammar, slot.batch_index, job.params.sampling.greedy
                 )
             except InvalidRequest as exc:  # the grammar's worker: too slow, or it died
                 self._fail(slot, exc)
