@@ -94,7 +94,7 @@ bench: install $(BASELINE)/bin/python
 	$(BIN)/python benchmarks/single_stream.py
 	$(BIN)/python benchmarks/concurrency.py --baseline-python $(BASELINE)/bin/python
 
-# Five minutes of mixed clients against one node; the checks and figures are in the README.
+# Five minutes of mixed clients against one node; the checks and figures: docs/limits-and-logs.md.
 # (The test suite runs a 40-second variant: tests/test_soak.py.)
 SOAK_SECONDS ?= 300
 soak: install

@@ -4,7 +4,7 @@ On a 2-core node every bit of event-loop work per streamed token is taken from l
 decode threads, so the stream does little per event: render it, one `send`. (sse-starlette,
 used before, wraps every send in an anyio cancel scope and runs each stream in a task group of
 four: about a fifth of the event loop's samples under py-spy; this response takes 13% less
-event-loop CPU per token. See the README's benchmarks.)
+event-loop CPU per token. See docs/benchmarks.md.)
 Beside the stream, one task waits for the client to leave and cancels the generation at once,
 even while nothing is being sent (a request still in the queue), and a timer puts a comment
 line on the wire every `ping` seconds, so proxies keep an idle stream open.
