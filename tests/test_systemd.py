@@ -1,0 +1,174 @@
+"""sd_notify as systemd would receive it: datagrams on a real NOTIFY_SOCKET, in process."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from gguf_appliance.systemd import SystemdNotifier
+
+WATCHDOG_USEC = 100_000  # pings every 0.05 s
+# notify() sends blocking: a watchdog pinging an undrained socket fills its queue and blocks.
+pytestmark = pytest.mark.timeout(10)
+
+
+@pytest.fixture
+def systemd_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    """No notify variables from the environment the tests run in (they may run under systemd)."""
+    for name in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"):
+        monkeypatch.delenv(name, raising=False)
+    return monkeypatch
+
+
+@pytest.fixture
+def systemd_socket(tmp_path: Path, systemd_env: pytest.MonkeyPatch) -> Iterator[socket.socket]:
+    """A datagram socket where systemd would listen, named to the app by NOTIFY_SOCKET."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(str(tmp_path / "notify"))
+        sock.settimeout(2)
+        systemd_env.setenv("NOTIFY_SOCKET", str(tmp_path / "notify"))
+        yield sock
+
+
+def nothing_queued(sock: socket.socket) -> bool:
+    sock.setblocking(False)
+    try:
+        sock.recv(4096)
+    except BlockingIOError:
+        return True
+    finally:
+        sock.settimeout(2)
+    return False
+
+
+async def receive(sock: socket.socket) -> bytes:
+    sock.setblocking(False)
+    loop = asyncio.get_running_loop()
+    return await asyncio.wait_for(loop.sock_recv(sock, 4096), 2)
+
+
+def test_ready_and_status_arrive_as_one_datagram(systemd_socket: socket.socket) -> None:
+    notifier = SystemdNotifier()
+    assert notifier.enabled
+    notifier.notify("READY=1", "STATUS=serving model.gguf")
+    notifier.notify("STOPPING=1")
+    assert systemd_socket.recv(4096) == b"READY=1\nSTATUS=serving model.gguf"
+    assert systemd_socket.recv(4096) == b"STOPPING=1"
+
+
+def test_an_abstract_socket_is_named_with_an_at_sign(systemd_env: pytest.MonkeyPatch) -> None:
+    name = f"gguf-appliance-test-{os.getpid()}-{time.monotonic_ns()}"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind("\0" + name)
+        sock.settimeout(2)
+        systemd_env.setenv("NOTIFY_SOCKET", "@" + name)
+        SystemdNotifier().notify("READY=1")
+        assert sock.recv(4096) == b"READY=1"
+
+
+@pytest.mark.parametrize("value", [None, ""])
+def test_without_notify_socket_notify_does_nothing(
+    systemd_env: pytest.MonkeyPatch, value: str | None
+) -> None:
+    if value is not None:
+        systemd_env.setenv("NOTIFY_SOCKET", value)
+    notifier = SystemdNotifier()
+    assert not notifier.enabled
+    notifier.notify("READY=1", "STATUS=serving model.gguf")  # no socket, no error
+
+
+@pytest.mark.parametrize(
+    ("watchdog_pid", "watched"),
+    [(None, True), (str(os.getpid()), True), (str(os.getppid()), False)],
+    ids=["unset", "this-process", "another-process"],
+)
+def test_the_watchdog_is_ours_only_when_watchdog_pid_is_unset_or_our_pid(
+    systemd_socket: socket.socket,
+    systemd_env: pytest.MonkeyPatch,
+    watchdog_pid: str | None,
+    watched: bool,
+) -> None:
+    systemd_env.setenv("WATCHDOG_USEC", str(WATCHDOG_USEC))
+    if watchdog_pid is not None:
+        systemd_env.setenv("WATCHDOG_PID", watchdog_pid)
+    notifier = SystemdNotifier()
+    assert notifier.watchdog_seconds == (0.1 if watched else None)
+    if not watched:
+        # Another process's watchdog: the loop returns at once and pings nothing.
+        asyncio.run(asyncio.wait_for(notifier.watchdog(lambda: True), 1))
+        assert nothing_queued(systemd_socket)
+
+
+def test_the_watchdog_pings_about_every_half_interval_while_healthy(
+    systemd_socket: socket.socket, systemd_env: pytest.MonkeyPatch
+) -> None:
+    systemd_env.setenv("WATCHDOG_USEC", str(WATCHDOG_USEC))
+
+    async def arrivals(count: int) -> list[tuple[bytes, float]]:
+        task = asyncio.create_task(SystemdNotifier().watchdog(lambda: True))
+        try:
+            return [(await receive(systemd_socket), time.monotonic()) for _ in range(count)]
+        finally:
+            task.cancel()
+
+    pings = asyncio.run(arrivals(6))
+    assert {data for data, _ in pings} == {b"WATCHDOG=1"}
+    gap = (pings[-1][1] - pings[0][1]) / (len(pings) - 1)
+    # Half of the 0.1 s interval; well inside it, so systemd never sees the deadline pass.
+    assert 0.045 <= gap < 0.1, gap
+
+
+def test_no_pings_while_unhealthy_and_they_resume_when_healthy(
+    systemd_socket: socket.socket,
+    systemd_env: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    systemd_env.setenv("WATCHDOG_USEC", str(WATCHDOG_USEC))
+
+    def refusing(times: int, refused: asyncio.Event) -> Callable[[], bool]:
+        checks = 0
+
+        def healthy() -> bool:
+            nonlocal checks
+            checks += 1
+            if checks == times:
+                refused.set()
+            return checks > times
+
+        return healthy
+
+    async def scenario() -> bytes:
+        refused = asyncio.Event()
+        task = asyncio.create_task(SystemdNotifier().watchdog(refusing(3, refused)))
+        try:
+            await asyncio.wait_for(refused.wait(), 2)
+            # Three checks said unhealthy (0.1 s: a whole interval) and systemd got nothing.
+            assert nothing_queued(systemd_socket)
+            return await receive(systemd_socket)
+        finally:
+            task.cancel()
+
+    with caplog.at_level(logging.ERROR, logger="gguf_appliance.systemd"):
+        assert asyncio.run(scenario()) == b"WATCHDOG=1"
+    refusals = [r for r in caplog.records if "not pinging the watchdog" in r.getMessage()]
+    assert len(refusals) == 3
+
+
+def test_a_socket_path_that_does_not_exist_logs_a_warning(
+    tmp_path: Path, systemd_env: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    systemd_env.setenv("NOTIFY_SOCKET", str(tmp_path / "absent"))
+    notifier = SystemdNotifier()
+    assert notifier.enabled
+    with caplog.at_level(logging.WARNING, logger="gguf_appliance.systemd"):
+        notifier.notify("READY=1")  # does not raise: the node keeps serving
+    (record,) = caplog.records
+    assert record.levelno == logging.WARNING
+    assert "cannot notify systemd" in record.getMessage()
