@@ -18,7 +18,7 @@ import time
 from typing import Any
 
 from gguf_appliance.engine import DoneEvent, Engine, EngineConfig, GenerationParams, TokenEvent
-from gguf_appliance.grammar import json_object_gbnf, schema_to_gbnf
+from gguf_appliance.grammar import Constraint
 from gguf_appliance.llama import SamplingParams
 from gguf_appliance.settings import DEFAULT_MODEL, physical_cores
 from gguf_appliance.sources import resolve_source
@@ -32,14 +32,14 @@ SCHEMA = {
     },
     "required": ["name", "age", "colours"],
 }
-CASES: dict[str, str | None] = {
+CASES: dict[str, Constraint | None] = {
     "plain": None,
-    "json_object": json_object_gbnf(),
-    "json_schema": schema_to_gbnf(SCHEMA),
+    "json_object": Constraint.json_object(),
+    "json_schema": Constraint.json_schema(SCHEMA),
 }
 
 
-async def answer(engine: Engine, prompt: list[int], grammar: str | None, tokens: int) -> Any:
+async def answer(engine: Engine, prompt: list[int], grammar: Constraint | None, tokens: int) -> Any:
     params = GenerationParams(
         max_tokens=tokens, sampling=SamplingParams(temperature=0, grammar=grammar)
     )
@@ -79,6 +79,9 @@ def main() -> None:
         queue_size=8,
         max_tokens_cap=2048,
         retry_after=1,
+        prefill_chunk=64,
+        reuse_prefix=True,
+        stream_interval=0.0,
     )
     engine = Engine(config)
     engine.load(resolve_source(DEFAULT_MODEL))

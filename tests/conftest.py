@@ -180,6 +180,9 @@ def make_engine(model_path: Path, **config: Any) -> Engine:
         "queue_size": 2,
         "max_tokens_cap": 512,
         "retry_after": 3,
+        "prefill_chunk": 64,
+        "reuse_prefix": True,
+        "stream_interval": 0.0,  # every token its own event
     }
     engine = Engine(EngineConfig(**{**defaults, **config}))
     engine.load(model_path)

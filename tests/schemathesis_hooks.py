@@ -12,7 +12,7 @@ from typing import Any
 import schemathesis
 from pydantic import BaseModel, ValidationError
 
-from gguf_appliance import openapi
+from gguf_appliance.api import openapi
 
 from .sse import parse
 

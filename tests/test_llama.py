@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from gguf_appliance.engine import Engine, GenerationParams
+from gguf_appliance.grammar import Constraint
 from gguf_appliance.llama import SamplingParams
 from tests.conftest import collect
 
@@ -51,7 +52,7 @@ def test_greedy_under_a_grammar_follows_it_to_the_end(engine: Engine) -> None:
     prompt = model.chat_prompt([{"role": "user", "content": "Is the sky blue? Answer yes or no."}])
     grammar = 'root ::= ("yes" | "no") "." " because " [a-z ]{3,30} "."'
     params = GenerationParams(
-        max_tokens=64, sampling=SamplingParams(temperature=0, grammar=grammar)
+        max_tokens=64, sampling=SamplingParams(temperature=0, grammar=Constraint.gbnf(grammar))
     )
     text, done = asyncio.run(collect(engine, prompt, params))
     assert done.finish_reason == "stop"

@@ -14,7 +14,7 @@ import openai
 import pytest
 from playwright.sync_api import expect, sync_playwright
 
-from gguf_appliance.access import SECURITY_HEADERS
+from gguf_appliance.api.security_headers import SECURITY_HEADERS
 
 from .conftest import RunningServer, free_port
 from .nginx_runner import RunningNginx, render_site

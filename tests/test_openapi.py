@@ -13,7 +13,7 @@ from typing import Any
 
 import httpx
 
-from gguf_appliance import openapi
+from gguf_appliance.api import openapi
 
 from .conftest import RunningServer
 

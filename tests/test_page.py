@@ -16,8 +16,8 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from playwright.sync_api import Browser, Page, Route, expect, sync_playwright
 
-from gguf_appliance.generate import event_json
-from gguf_appliance.sse import PING, frame
+from gguf_appliance.api.endpoint import event_json
+from gguf_appliance.api.sse import PING, frame
 
 from .conftest import RunningServer, slot_held
 from .sse import cut_at

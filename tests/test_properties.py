@@ -9,8 +9,8 @@ from collections.abc import Sequence
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from gguf_appliance.generate import event_json
-from gguf_appliance.sse import PING, frame
+from gguf_appliance.api.endpoint import event_json
+from gguf_appliance.api.sse import PING, frame
 from gguf_appliance.textstream import TextStream
 
 from .sse import cut_at, parse

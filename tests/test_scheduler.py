@@ -9,6 +9,7 @@ import pytest
 
 from gguf_appliance.engine import DoneEvent, Engine, GenerationParams, TokenEvent
 from gguf_appliance.errors import InvalidRequest
+from gguf_appliance.grammar import Constraint
 from gguf_appliance.llama import SamplingParams
 from gguf_appliance.scheduler import common_prefix
 
@@ -178,7 +179,11 @@ def test_a_grammar_holds_for_every_slot_of_a_sampled_batch(batch_engine: Engine)
                 GenerationParams(
                     max_tokens=16,
                     sampling=SamplingParams(
-                        temperature=1.5, top_k=0, min_p=0, seed=seed, grammar=grammar
+                        temperature=1.5,
+                        top_k=0,
+                        min_p=0,
+                        seed=seed,
+                        grammar=Constraint.gbnf(grammar),
                     ),
                 ),
             )
@@ -194,7 +199,9 @@ def test_a_grammar_holds_for_every_slot_of_a_sampled_batch(batch_engine: Engine)
 
 def test_an_unparsable_grammar_is_refused_at_submit(batch_engine: Engine) -> None:
     prompt = batch_engine.tokenize_prompt("Hello")
-    bad = GenerationParams(max_tokens=4, sampling=SamplingParams(grammar='root ::= "a'))
+    bad = GenerationParams(
+        max_tokens=4, sampling=SamplingParams(grammar=Constraint.gbnf('root ::= "a'))
+    )
     with pytest.raises(InvalidRequest, match="grammar"):
         batch_engine.submit(prompt, bad, timeout=10)
 

@@ -10,79 +10,28 @@ import threading
 import time
 from collections.abc import AsyncIterator
 
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
-from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.staticfiles import StaticFiles
 
-from . import openai_api
-from .access import RequestMiddleware, error_response
+from .api import chat, completions, models, node, page
+from .api.access_log import AccessLogMiddleware
+from .api.auth import AuthMiddleware
+from .api.endpoint import on_appliance_error, on_http_error
+from .api.security_headers import SecurityHeadersMiddleware
 from .engine import Engine, engine_config, load_configured_model
 from .errors import ApplianceError, ModelError
-from .generate import generate
 from .keys import ApiKeys
 from .metrics import Metrics
-from .openapi import openapi_document
 from .resources import static_dir
 from .settings import Settings
 from .sources import redact_source, resolve_source
 from .systemd import SystemdNotifier
 
 log = logging.getLogger("gguf_appliance.app")
-
-
-async def _appliance_error(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, ApplianceError)
-    request.state.error = exc.code  # for the request's log line
-    return error_response(exc)
-
-
-async def _http_error(request: Request, exc: Exception) -> Response:
-    # 404 and 405 in the API's error shape too, so a client has one format to read.
-    assert isinstance(exc, HTTPException)
-    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-    body = {
-        "error": {
-            "message": exc.detail,
-            "type": "invalid_request_error",
-            "param": None,
-            "code": code,
-        }
-    }
-    return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
-
-
-async def live(request: Request) -> Response:
-    return JSONResponse({"status": "live"})
-
-
-async def ready(request: Request) -> Response:
-    engine: Engine = request.app.state.engine
-    if engine.draining:
-        status, reason = "draining", "the node is shutting down"
-    elif engine.ready:
-        return JSONResponse({"status": "ready", "model": request.app.state.model_id})
-    elif engine.load_error:
-        status, reason = "failed", engine.load_error
-    else:
-        status, reason = "loading", "the model is loading"
-    return JSONResponse({"status": status, "reason": reason}, status_code=503)
-
-
-async def openapi(request: Request) -> Response:
-    # Built per request: a SIGHUP may have turned the keys on or off.
-    keys: ApiKeys = request.app.state.api_keys
-    return JSONResponse(openapi_document(request.app.state.settings, keys.required))
-
-
-async def metrics(request: Request) -> Response:
-    registry = request.app.state.metrics.registry
-    return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
 
 def _model_id(settings: Settings) -> str:
@@ -103,7 +52,6 @@ def create_app(settings: Settings) -> Starlette:
     api_keys = ApiKeys(settings.api_keys, settings.api_key_file, open_api=settings.open_api)
     engine = Engine(engine_config(settings))
     app_metrics = Metrics(engine)
-    engine.on_done = app_metrics.observe_generation
 
     notifier = SystemdNotifier()
 
@@ -114,9 +62,10 @@ def create_app(settings: Settings) -> Starlette:
         except Exception as exc:
             # A bad model is not a crash: the node stays up, says why on /health/ready and in
             # `systemctl status`, and the balancer keeps it out. Restarting would not help.
-            engine.load_error = exc.message if isinstance(exc, ModelError) else f"{exc}"
-            log.error("the model cannot be served: %s", engine.load_error)
-            notifier.notify("READY=1", f"STATUS=not serving: {engine.load_error}")
+            reason = exc.message if isinstance(exc, ModelError) else f"{exc}"
+            engine.fail(reason)
+            log.error("the model cannot be served: %s", reason)
+            notifier.notify("READY=1", f"STATUS=not serving: {reason}")
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -142,7 +91,7 @@ def create_app(settings: Settings) -> Starlette:
             if hangup:
                 loop.remove_signal_handler(signal.SIGHUP)
             notifier.notify("STOPPING=1")
-            engine.draining = True
+            engine.drain()
             for task in (loading, watchdog, lag):
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -150,14 +99,14 @@ def create_app(settings: Settings) -> Starlette:
             await asyncio.to_thread(engine.close)
 
     routes = [
-        Route("/generate", generate, methods=["POST"]),
-        Route("/v1/chat/completions", openai_api.chat_completions, methods=["POST"]),
-        Route("/v1/completions", openai_api.completions, methods=["POST"]),
-        Route("/v1/models", openai_api.models, methods=["GET"]),
-        Route("/health/live", live, methods=["GET"]),
-        Route("/health/ready", ready, methods=["GET"]),
-        Route("/metrics", metrics, methods=["GET"]),
-        Route("/openapi.json", openapi, methods=["GET"]),
+        Route("/generate", page.generate, methods=["POST"]),
+        Route("/v1/chat/completions", chat.chat_completions, methods=["POST"]),
+        Route("/v1/completions", completions.completions, methods=["POST"]),
+        Route("/v1/models", models.models, methods=["GET"]),
+        Route("/health/live", node.live, methods=["GET"]),
+        Route("/health/ready", node.ready, methods=["GET"]),
+        Route("/metrics", node.metrics, methods=["GET"]),
+        Route("/openapi.json", node.openapi, methods=["GET"]),
     ]
     # CORS outermost: a browser's preflight carries no key and must not meet the key check.
     middleware = []
@@ -171,13 +120,23 @@ def create_app(settings: Settings) -> Starlette:
                 expose_headers=["Retry-After", "X-Request-ID"],
             )
         )
-    middleware.append(
-        Middleware(RequestMiddleware, settings=settings, metrics=app_metrics, keys=api_keys)
-    )
+    # Then every request is counted and logged (also the refused ones), every response gets
+    # the security headers, and only then are the Host and the key checked.
+    logged = [route.path for route in routes] + ["/"]  # "/": the page; other files: "other"
+    middleware += [
+        Middleware(
+            AccessLogMiddleware,
+            metrics=app_metrics,
+            routes=logged,
+            log_prompts=settings.log_prompts,
+        ),
+        Middleware(SecurityHeadersMiddleware),
+        Middleware(AuthMiddleware, settings=settings, keys=api_keys),
+    ]
     app = Starlette(
         routes=routes,
         middleware=middleware,
-        exception_handlers={ApplianceError: _appliance_error, HTTPException: _http_error},
+        exception_handlers={ApplianceError: on_appliance_error, HTTPException: on_http_error},
         lifespan=lifespan,
     )
     # The page's files answer whatever no route matches. Not a Mount("/"): that would take

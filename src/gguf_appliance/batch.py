@@ -30,6 +30,7 @@ from .batch_backends import (
 from .batch_io import BatchInputError, ResultWriter, Row, read_rows, same_file, storage_options
 from .engine import Engine, engine_config, load_configured_model
 from .errors import InvalidRequest
+from .grammar import Constraint
 from .progress import progress_class
 from .settings import Settings
 
@@ -115,7 +116,7 @@ class LabelTask:
             messages,
             max_tokens=8 + max(len(label) for label in self.labels),
             temperature=0.0,
-            grammar=self.grammar,
+            constraint=Constraint.gbnf(self.grammar),
         )
         outcome = Outcome(completion.text)
         outcome.add(completion)
@@ -157,17 +158,12 @@ class TemplateTask:
         prompt = string.Formatter().vformat(self.template, (), row.fields)
         messages = [{"role": "system", "content": self.system}] if self.system else []
         messages.append({"role": "user", "content": prompt})
-        response_format = None
-        if self.schema is not None:
-            response_format = {
-                "type": "json_schema",
-                "json_schema": {"name": "row", "schema": self.schema},
-            }
+        constraint = None if self.schema is None else Constraint.json_schema(self.schema)
         completion = await backend.complete(
             messages,
             max_tokens=self.max_tokens,
             temperature=self.temperature,
-            response_format=response_format,
+            constraint=constraint,
         )
         outcome = Outcome(completion.text)
         outcome.add(completion)
@@ -218,7 +214,7 @@ class SummarizeTask:
         messages = [{"role": "system", "content": instruction}, {"role": "user", "content": text}]
         try:
             completion = await backend.complete(
-                messages, max_tokens=self.max_tokens, temperature=0.0, response_format=None
+                messages, max_tokens=self.max_tokens, temperature=0.0
             )
         except ContextExceeded:
             if len(text) <= self.min_chunk_chars:

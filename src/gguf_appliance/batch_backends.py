@@ -17,8 +17,8 @@ import httpx
 
 from .engine import DoneEvent, Engine, ErrorEvent, GenerationParams, TokenEvent
 from .errors import ApplianceError, InvalidRequest, PromptTooLong, Unavailable
+from .grammar import Constraint
 from .llama import SamplingParams
-from .schemas import ResponseFormat
 
 
 class RowFailed(Exception):
@@ -52,8 +52,7 @@ class Backend(Protocol):
         *,
         max_tokens: int,
         temperature: float,
-        response_format: dict[str, Any] | None = None,
-        grammar: str | None = None,
+        constraint: Constraint | None = None,
     ) -> Completion: ...
 
 
@@ -71,19 +70,16 @@ class EngineBackend:
         *,
         max_tokens: int,
         temperature: float,
-        response_format: dict[str, Any] | None = None,
-        grammar: str | None = None,
+        constraint: Constraint | None = None,
     ) -> Completion:
         engine = self.engine
         try:
-            if response_format is not None:
-                grammar = ResponseFormat.model_validate(response_format).grammar()
             prompt = engine.tokenize_messages(messages)
         except InvalidRequest as exc:
             raise RowFailed(exc.message) from None
         params = GenerationParams(
             max_tokens=max_tokens,
-            sampling=SamplingParams(temperature=temperature, grammar=grammar),
+            sampling=SamplingParams(temperature=temperature, grammar=constraint),
         )
         while True:
             try:
@@ -161,8 +157,7 @@ class HttpBackend:
         *,
         max_tokens: int,
         temperature: float,
-        response_format: dict[str, Any] | None = None,
-        grammar: str | None = None,
+        constraint: Constraint | None = None,
     ) -> Completion:
         body: dict[str, Any] = {
             "model": self.model,
@@ -170,10 +165,8 @@ class HttpBackend:
             "max_tokens": max_tokens,
             "temperature": temperature,
         }
-        if response_format is not None:
-            body["response_format"] = response_format
-        if grammar is not None:
-            body["grammar"] = grammar  # llama.cpp's extension; gguf-appliance takes it too
+        if constraint is not None:
+            body.update(_constraint_fields(constraint))
         last = ""
         for attempt in range(self.max_retries + 1):
             response = None
@@ -223,3 +216,13 @@ def _completion(response: httpx.Response) -> Completion:
         )
     except (ValueError, KeyError, IndexError, TypeError) as exc:
         raise RowFailed(f"the node's answer is not a chat completion: {exc!r}") from None
+
+
+def _constraint_fields(constraint: Constraint) -> dict[str, Any]:
+    """A constraint as the fields of a chat completion request."""
+    if constraint.kind == "gbnf":
+        return {"grammar": constraint.source}  # llama.cpp's extension; gguf-appliance takes it
+    if constraint.kind == "json_object":
+        return {"response_format": {"type": "json_object"}}
+    schema = {"name": "row", "schema": constraint.source}
+    return {"response_format": {"type": "json_schema", "json_schema": schema}}

@@ -8,18 +8,18 @@ the client goes away. The engine knows nothing of HTTP.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import logging
 import threading
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import ApplianceError, Draining, InvalidRequest, NotReady, PromptTooLong
+from .errors import ApplianceError, Draining, EmptyPrompt, InvalidRequest, NotReady, PromptTooLong
+from .generation import DoneEvent, ErrorEvent, Event, Generation, GenerationParams, Job, TokenEvent
+from .grammar import Constraint
 from .grammar_worker import Grammar, GrammarPool
-from .jobs import DoneEvent, ErrorEvent, Event, GenerationParams, Job, TokenEvent
 from .llama import LlamaModel
 from .scheduler import EngineConfig, SlotScheduler
 
@@ -77,71 +77,6 @@ def _close_unclaimed(task: asyncio.Future[Grammar]) -> None:
         task.result().close()
 
 
-class Generation:
-    """A submitted request: iterate its events; cancel it when the client goes away.
-
-    It remembers what passed (the text, the final event) for the request's log line.
-    """
-
-    def __init__(self, scheduler: SlotScheduler, job: Job) -> None:
-        self._scheduler = scheduler
-        self._job = job
-        self.text: list[str] = []
-        self.outcome: DoneEvent | ErrorEvent | None = None
-
-    async def events(self) -> AsyncIterator[Event]:
-        async for event in self._events(None):
-            if event is not None:
-                yield event
-
-    def stream(self, ping: float) -> AsyncGenerator[Event | None, None]:
-        """The events, with a None in between every `ping` seconds (a keep-alive is due)."""
-        return self._events(ping)
-
-    async def _events(self, ping: float | None) -> AsyncGenerator[Event | None, None]:
-        queue = self._job.events
-        timer: asyncio.TimerHandle | None = None
-
-        def tick() -> None:
-            nonlocal timer
-            queue.put_nowait(None)
-            timer = self._job.loop.call_later(ping or 0, tick)
-
-        if ping:
-            timer = self._job.loop.call_later(ping, tick)
-        try:
-            while self.outcome is None:
-                event = await queue.get()
-                if isinstance(event, TokenEvent):
-                    self.text.append(event.text)
-                elif event is None:
-                    if timer is None:
-                        continue  # left by an earlier stream's timer
-                else:
-                    self.outcome = event
-                yield event
-        finally:
-            if timer is not None:
-                timer.cancel()
-
-    def cancel(self) -> None:
-        self._scheduler.cancel(self._job)
-
-    async def settle(self, timeout: float) -> DoneEvent | ErrorEvent | None:
-        """The final event; if the consumer left early (a disconnect), wait for it a while.
-
-        Every job ends with a done or error event, a cancelled one within a decode step.
-        """
-        if self.outcome is None:
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._drain(), timeout)
-        return self.outcome
-
-    async def _drain(self) -> None:
-        async for _ in self.events():
-            pass
-
-
 class Engine:
     """Owns the model; generation runs on the scheduler's thread, off the event loop."""
 
@@ -151,10 +86,10 @@ class Engine:
         self.grammars: GrammarPool | None = None
         self.scheduler: SlotScheduler | None = None
         self.load_seconds: float | None = None
-        self.load_error: str | None = None
-        self.draining = False
-        # Called on the scheduler thread with every finished generation (the metrics use it).
-        self.on_done: Callable[[DoneEvent], None] | None = None
+        self._load_error: str | None = None
+        self._draining = False
+        # Called on the scheduler thread with every finished generation (see `watch`).
+        self._watchers: list[Callable[[DoneEvent], None]] = []
         self._ids = itertools.count(1)
 
     # --- life cycle ---
@@ -170,11 +105,7 @@ class Engine:
             n_batch=config.n_batch,
             threads=config.threads,
         )
-        self.scheduler = SlotScheduler(
-            self.model,
-            config,
-            on_done=lambda done: self.on_done(done) if self.on_done else None,
-        )
+        self.scheduler = SlotScheduler(self.model, config, on_done=self._done)
         self.scheduler.start()
         self.grammars = GrammarPool(
             model_path,
@@ -192,6 +123,30 @@ class Engine:
             self.model.n_ctx_seq,
             config.threads,
         )
+
+    def _done(self, done: DoneEvent) -> None:
+        for watcher in self._watchers:
+            watcher(done)
+
+    def watch(self, on_done: Callable[[DoneEvent], None]) -> None:
+        """Call `on_done` (on the scheduler's thread) with every finished generation."""
+        self._watchers.append(on_done)
+
+    def fail(self, reason: str) -> None:
+        """The model cannot be served: say why (readiness, submit) until the process ends."""
+        self._load_error = reason
+
+    def drain(self) -> None:
+        """Take no new request; what is in flight runs on (see `abort_all`)."""
+        self._draining = True
+
+    @property
+    def load_error(self) -> str | None:
+        return self._load_error
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
 
     def _warm_grammars(self) -> None:
         pool = self.grammars
@@ -252,25 +207,27 @@ class Engine:
     def tokenize_prompt(self, prompt: str) -> list[int]:
         return self._require_model().text_prompt(prompt)
 
-    def compile_grammar(self, grammar: str, param: str = "grammar") -> Grammar:
-        """Check a request's grammar, load it into a worker process and try it on a first
-        token (blocking: run it in a thread, see `prepare_grammar`)."""
-        self._require_model().check_grammar(grammar, param)
+    def compile_grammar(self, constraint: Constraint) -> Grammar:
+        """Build a request's grammar, check it, load it into a worker process and try it on a
+        first token (blocking: run it in a thread, see `prepare_grammar`)."""
+        model = self._require_model()
+        gbnf = constraint.to_gbnf()
+        model.check_grammar(gbnf, constraint.field)
         if self.grammars is None:
             raise NotReady("the model is still loading", retry_after=self.config.retry_after)
         config = self.config
         return Grammar(
             self.grammars,
-            grammar,
-            param=param,
+            gbnf,
+            param=constraint.field,
             step_limit=config.grammar_step_limit,
             hard_limit=config.grammar_hard_limit,
         )
 
-    async def prepare_grammar(self, grammar: str, param: str = "grammar") -> Grammar:
+    async def prepare_grammar(self, constraint: Constraint) -> Grammar:
         """`compile_grammar` off the event loop. If the request goes away meanwhile, the
         grammar is closed when it is ready (its worker goes back to the pool)."""
-        task = asyncio.ensure_future(asyncio.to_thread(self.compile_grammar, grammar, param))
+        task = asyncio.ensure_future(asyncio.to_thread(self.compile_grammar, constraint))
         try:
             return await asyncio.shield(task)
         except asyncio.CancelledError:
@@ -291,9 +248,7 @@ class Engine:
         """
         try:
             if params.sampling.grammar is not None and grammar is None:
-                grammar = self.compile_grammar(
-                    params.sampling.grammar, params.sampling.grammar_field
-                )
+                grammar = self.compile_grammar(params.sampling.grammar)
             return self._submit(prompt, params, timeout, grammar)
         except BaseException:
             if grammar is not None:
@@ -309,10 +264,10 @@ class Engine:
     ) -> Generation:
         self._require_model()
         scheduler = self.scheduler
-        if self.draining or scheduler is None:
+        if self._draining or scheduler is None:
             raise Draining("the node is shutting down; retry on another node")
         if not prompt:
-            raise InvalidRequest("the prompt is empty", param="prompt")
+            raise EmptyPrompt("the prompt is empty")
         if params.max_tokens > self.config.max_tokens_cap:
             raise InvalidRequest(
                 f"max_tokens is {params.max_tokens}; this node allows at most "
@@ -323,8 +278,7 @@ class Engine:
         if len(prompt) >= room:
             raise PromptTooLong(
                 f"the prompt has {len(prompt)} tokens; the context holds {room} tokens per "
-                f"request, and at least one must be left for the answer",
-                param="messages",
+                f"request, and at least one must be left for the answer"
             )
         job = Job(
             id=next(self._ids),
@@ -345,7 +299,7 @@ class Engine:
     def _require_model(self) -> LlamaModel:
         if self.model is None:
             raise NotReady(
-                self.load_error or "the model is still loading",
+                self._load_error or "the model is still loading",
                 retry_after=self.config.retry_after,
             )
         return self.model

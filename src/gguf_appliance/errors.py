@@ -24,7 +24,13 @@ class InvalidRequest(ApplianceError):
 
 
 class PromptTooLong(InvalidRequest):
+    """Raised without `param`: the API names its own prompt field (`prompt`, `messages`)."""
+
     code = "context_length_exceeded"
+
+
+class EmptyPrompt(InvalidRequest):
+    """Raised without `param`, as PromptTooLong."""
 
 
 class BodyTooLarge(InvalidRequest):

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from .errors import InvalidRequest
 
@@ -489,3 +489,36 @@ def json_object_gbnf() -> str:
     from llama_cpp.llama_grammar import JSON_GBNF
 
     return JSON_GBNF
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """What an answer must match, as a caller states it: GBNF text, any JSON object, or JSON
+    valid for a schema. `field` is what errors name (the caller's word for where it came from).
+    Building the grammar is CPU work the size of the input: `to_gbnf()` runs off the event loop.
+    """
+
+    kind: Literal["gbnf", "json_object", "json_schema"]
+    source: Any = None  # the GBNF text, or the JSON schema
+    field: str = "grammar"
+
+    @classmethod
+    def gbnf(cls, text: str, field: str = "grammar") -> Constraint:
+        return cls("gbnf", text, field)
+
+    @classmethod
+    def json_object(cls, field: str = "response_format") -> Constraint:
+        return cls("json_object", None, field)
+
+    @classmethod
+    def json_schema(cls, schema: Any, field: str = "response_format") -> Constraint:
+        return cls("json_schema", schema, field)
+
+    def to_gbnf(self) -> str:
+        """The GBNF, within the limits (the text of a `gbnf` one is checked by the model,
+        which also knows its tokens: `LlamaModel.check_grammar`)."""
+        if self.kind == "gbnf":
+            return str(self.source)
+        if self.kind == "json_object":
+            return json_object_gbnf()
+        return schema_to_gbnf(self.source, param=self.field)

@@ -21,7 +21,7 @@ import numpy as np
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
 from .errors import InvalidRequest, ModelError
-from .grammar import check_gbnf
+from .grammar import Constraint, check_gbnf
 
 if TYPE_CHECKING:
     from .grammar_worker import Grammar
@@ -62,8 +62,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     repeat_last_n: int = 64
     seed: int | None = None
-    grammar: str | None = None  # GBNF; the answer must match its `root` rule
-    grammar_field: str = "grammar"  # the request field it came from, for errors
+    grammar: Constraint | None = None  # what the answer must match
 
     @property
     def greedy(self) -> bool:

@@ -86,6 +86,7 @@ class Metrics:
             buckets=_LAG_BUCKETS,
             registry=registry,
         )
+        engine.watch(self.observe_generation)
 
     async def watch_event_loop(self, interval: float = 0.01) -> None:
         """Run until cancelled: every `interval`, note how late the loop woke this task."""

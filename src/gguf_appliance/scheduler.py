@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import ApplianceError, InvalidRequest, QueueFull, Unavailable
-from .jobs import DoneEvent, ErrorEvent, Event, Job, TokenEvent
+from .generation import DoneEvent, ErrorEvent, Event, Job, TokenEvent
 from .llama import Batch, LlamaModel
 from .textstream import TextStream
 
@@ -61,7 +61,11 @@ class Slot:
 
 @dataclass(frozen=True)
 class EngineConfig:
-    """The engine's knobs; the scheduler reads the ones about slots and the queue."""
+    """The engine's knobs; the scheduler reads the ones about slots and the queue.
+
+    The node's defaults are its settings' (`engine.engine_config`); the grammar limits below
+    are not settings, and are stated here.
+    """
 
     n_ctx: int  # per slot
     n_slots: int
@@ -70,9 +74,9 @@ class EngineConfig:
     queue_size: int
     max_tokens_cap: int
     retry_after: int
-    prefill_chunk: int = 64
-    reuse_prefix: bool = True
-    stream_interval: float = 0.0  # seconds between a stream's token events (0: every token)
+    prefill_chunk: int  # prompt tokens per step while other slots generate
+    reuse_prefix: bool
+    stream_interval: float  # seconds between a stream's token events (0: every token)
     # Most seconds a request's grammar may take to check one token: the check runs on the
     # scheduler thread, so every other stream waits for it.
     grammar_step_limit: float = 0.25
@@ -306,7 +310,7 @@ class SlotScheduler:
                     InvalidRequest(
                         "the grammar allows no token of this model after "
                         f"{slot.generated} token{'' if slot.generated == 1 else 's'} of the answer",
-                        param=job.params.sampling.grammar_field,
+                        param=job.grammar.param,
                     ),
                 )
                 continue

@@ -38,7 +38,7 @@ class DrainingServer(uvicorn.Server):
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if self.drain_started is None:
             self.drain_started = time.monotonic()
-            self.engine.draining = True
+            self.engine.drain()
             log.info("draining: %d request(s) in flight", self.engine.in_flight)
         elif sig == signal.SIGINT:
             self.should_exit = self.force_exit = True

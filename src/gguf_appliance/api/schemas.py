@@ -1,19 +1,22 @@
-"""Request bodies of /generate and the OpenAI-compatible API, with their bounds."""
+"""Request bodies of /generate and the OpenAI-compatible API, with their bounds.
+
+Every bound is stated here, in the field's type, so the OpenAPI document (api/openapi.py) says
+what the server takes with no second copy; only the node's own caps come from its settings.
+Sampling defaults are the engine's (`llama.SamplingParams`).
+"""
 
 from __future__ import annotations
 
-import json
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from .engine import GenerationParams
-from .errors import InvalidRequest
-from .grammar import LIMITS, check_gbnf, json_object_gbnf, schema_to_gbnf
-from .llama import SamplingParams
+from ..generation import GenerationParams
+from ..grammar import LIMITS, Constraint
+from ..llama import SamplingParams
 
-MAX_STOP_STRINGS = 8
-MAX_GRAMMAR_LENGTH = LIMITS.max_chars
+_DEFAULT = SamplingParams()
+StopString = Annotated[str, Field(max_length=200)]
 
 
 class TextPart(BaseModel):
@@ -56,13 +59,13 @@ class ResponseFormat(BaseModel):
             raise ValueError("type 'json_schema' needs a 'json_schema' object with a 'schema'")
         return self
 
-    def grammar(self) -> str | None:
+    def constraint(self) -> Constraint | None:
         if self.type == "text":
             return None
         if self.type == "json_object":
-            return json_object_gbnf()
+            return Constraint.json_object()
         assert self.json_schema is not None
-        return schema_to_gbnf(self.json_schema.schema_, param="response_format")
+        return Constraint.json_schema(self.json_schema.schema_)
 
 
 class Sampling(BaseModel):
@@ -71,21 +74,25 @@ class Sampling(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     max_tokens: int | None = Field(None, ge=1, description="Most tokens to generate.")
-    temperature: float = Field(0.8, ge=0.0, le=2.0, description="0 picks the likeliest token.")
-    top_p: float = Field(0.95, gt=0.0, le=1.0)
-    top_k: int = Field(40, ge=0, le=1000, description="0 turns top-k off.")
-    min_p: float = Field(0.05, ge=0.0, le=1.0)
-    repeat_penalty: float = Field(1.0, gt=0.0, le=10.0)
-    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    temperature: float = Field(
+        _DEFAULT.temperature, ge=0.0, le=2.0, description="0 picks the likeliest token."
+    )
+    top_p: float = Field(_DEFAULT.top_p, gt=0.0, le=1.0)
+    top_k: int = Field(_DEFAULT.top_k, ge=0, le=1000, description="0 turns top-k off.")
+    min_p: float = Field(_DEFAULT.min_p, ge=0.0, le=1.0)
+    repeat_penalty: float = Field(_DEFAULT.repeat_penalty, gt=0.0, le=10.0)
+    presence_penalty: float = Field(_DEFAULT.presence_penalty, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(_DEFAULT.frequency_penalty, ge=-2.0, le=2.0)
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
-    stop: str | list[str] | None = Field(None, description="Up to 8 strings that end the answer.")
+    stop: StopString | Annotated[list[StopString], Field(max_length=8)] | None = Field(
+        None, description="Up to 8 strings that end the answer."
+    )
     response_format: ResponseFormat | None = Field(
         None, description="Constrain the answer to JSON, or to JSON matching a schema."
     )
     grammar: str | None = Field(
         None,
-        max_length=MAX_GRAMMAR_LENGTH,
+        max_length=LIMITS.max_chars,
         description="A GBNF grammar the answer must match (llama.cpp's).",
     )
 
@@ -96,35 +103,12 @@ class Sampling(BaseModel):
             raise ValueError("send at most one of 'grammar' and 'response_format'")
         return self
 
-    def _grammar(self, allow_grammar: bool) -> str | None:
-        """The GBNF the answer must match, checked for cost (CPU work: call it off the loop)."""
-        fmt = self.response_format
-        if fmt is not None and fmt.type != "text":
-            return fmt.grammar()
-        if self.grammar is None:
-            return None
-        if not allow_grammar:
-            raise InvalidRequest(
-                "this node does not take raw grammars (ALLOW_GRAMMAR is off); use "
-                "response_format with a JSON schema",
-                param="grammar",
-            )
-        check_gbnf(self.grammar, param="grammar")
-        return self.grammar
+    def constraint(self) -> Constraint | None:
+        if self.response_format is not None:
+            return self.response_format.constraint()
+        return None if self.grammar is None else Constraint.gbnf(self.grammar)
 
-    @field_validator("stop")
-    @classmethod
-    def _stop_bounds(cls, stop: str | list[str] | None) -> str | list[str] | None:
-        items = [stop] if isinstance(stop, str) else stop or []
-        if len(items) > MAX_STOP_STRINGS:
-            raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings")
-        if any(len(s) > 200 for s in items):
-            raise ValueError("a stop string may have at most 200 characters")
-        return stop
-
-    def generation_params(
-        self, default_max_tokens: int, *, allow_grammar: bool = True
-    ) -> GenerationParams:
+    def generation_params(self, default_max_tokens: int) -> GenerationParams:
         stop = [self.stop] if isinstance(self.stop, str) else self.stop or []
         return GenerationParams(
             max_tokens=self.max_tokens or default_max_tokens,
@@ -137,8 +121,7 @@ class Sampling(BaseModel):
                 presence_penalty=self.presence_penalty,
                 frequency_penalty=self.frequency_penalty,
                 seed=self.seed,
-                grammar=self._grammar(allow_grammar),
-                grammar_field="grammar" if self.grammar is not None else "response_format",
+                grammar=self.constraint(),
             ),
             stop=tuple(s for s in stop if s),
         )
@@ -147,7 +130,17 @@ class Sampling(BaseModel):
 class GenerateRequest(Sampling):
     """POST /generate: a prompt (raw text) or messages (a chat), streamed back as SSE."""
 
-    prompt: str | None = Field(None, max_length=1_000_000)
+    model_config = ConfigDict(
+        extra="ignore",
+        json_schema_extra={  # _one_input, for the OpenAPI document (null = absent)
+            "oneOf": [
+                {"required": ["prompt"], "properties": {"prompt": {"type": "string"}}},
+                {"required": ["messages"], "properties": {"messages": {"type": "array"}}},
+            ]
+        },
+    )
+
+    prompt: str | None = Field(None, min_length=1, max_length=1_000_000)
     messages: list[Message] | None = Field(None, min_length=1, max_length=1000)
 
     @model_validator(mode="after")
@@ -185,9 +178,10 @@ class ChatCompletionRequest(_OpenAIRequest):
 
 
 class CompletionRequest(_OpenAIRequest):
-    prompt: str | Annotated[list[str], Field(min_length=1, max_length=1)] = Field(
-        description="The prompt; a list must hold exactly one string."
-    )
+    prompt: (
+        Annotated[str, Field(min_length=1)]
+        | Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1, max_length=1)]
+    ) = Field(description="The prompt; a list must hold exactly one string.")
     echo: Literal[False] = False
     logprobs: None = None
     suffix: None = None
@@ -195,31 +189,3 @@ class CompletionRequest(_OpenAIRequest):
     @property
     def prompt_text(self) -> str:
         return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
-
-
-def _describe(exc: ValidationError) -> str:
-    parts = []
-    for err in exc.errors(include_url=False)[:5]:
-        where = ".".join(str(p) for p in err["loc"]) or "body"
-        parts.append(f"{where}: {err['msg']}")
-    return "; ".join(parts)
-
-
-_Body = TypeVar("_Body", bound=BaseModel)
-
-
-def parse_body(body: bytes, model: type[_Body]) -> _Body:
-    """Parse a JSON request body into `model`, or raise InvalidRequest saying what is wrong."""
-    try:
-        data: Any = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:  # also an integer of over 4,300 digits
-        raise InvalidRequest(f"the body is not valid JSON: {str(exc)[:200]}") from None
-    except RecursionError:
-        raise InvalidRequest("the body's JSON nests too deeply") from None
-    if not isinstance(data, dict):
-        raise InvalidRequest("the body must be a JSON object")
-    try:
-        return model.model_validate(data)
-    except ValidationError as exc:
-        first = exc.errors(include_url=False)[0]["loc"]
-        raise InvalidRequest(_describe(exc), param=".".join(map(str, first)) or None) from None

@@ -1,13 +1,11 @@
 """Server-sent events: the frames, and a response that streams a generation's events.
 
 On a 2-core node every bit of event-loop work per streamed token is taken from llama.cpp's two
-decode threads, so the stream does little per event: render it, one `send`. (sse-starlette,
-used before, wraps every send in an anyio cancel scope and runs each stream in a task group of
-four: about a fifth of the event loop's samples under py-spy; this response takes 13% less
-event-loop CPU per token. See docs/benchmarks.md.)
-Beside the stream, one task waits for the client to leave and cancels the generation at once,
-even while nothing is being sent (a request still in the queue), and a timer puts a comment
-line on the wire every `ping` seconds, so proxies keep an idle stream open.
+decode threads, so the stream does little per event: render it, one `send` (why this is not
+sse-starlette: docs/benchmarks.md). Beside the stream, one task waits for the client to leave
+and cancels the generation at once, even while nothing is being sent (a request still in the
+queue), and a timer puts a comment line on the wire every `ping` seconds, so proxies keep an
+idle stream open.
 """
 
 from __future__ import annotations
@@ -19,7 +17,7 @@ from collections.abc import Callable, Mapping
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from .engine import Event, Generation
+from ..engine import Event, Generation
 
 PING = b": ping\r\n\r\n"
 
@@ -57,6 +55,13 @@ class EventStreamResponse(Response):
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         generation = self.generation
         gone = False
+        loop = asyncio.get_running_loop()
+        timer: asyncio.TimerHandle | None = None
+
+        def tick() -> None:  # a None among the events: a ping is due
+            nonlocal timer
+            generation.nudge()
+            timer = loop.call_later(self.ping, tick)
 
         async def watch() -> None:
             nonlocal gone
@@ -74,7 +79,9 @@ class EventStreamResponse(Response):
                     "headers": self.raw_headers,
                 }
             )
-            async with contextlib.aclosing(generation.stream(self.ping)) as events:
+            if self.ping:
+                timer = loop.call_later(self.ping, tick)
+            async with contextlib.aclosing(generation.stream()) as events:
                 async for event in events:
                     if gone:
                         break
@@ -84,6 +91,8 @@ class EventStreamResponse(Response):
             if not gone:
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
+            if timer is not None:
+                timer.cancel()
             generation.cancel()  # a no-op once it has ended
             watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -1,10 +1,9 @@
 """The OpenAPI 3.1 document of the node's API, served at /openapi.json.
 
-Request bodies are the pydantic models the routes validate with (schemas.py), so the document
-says what the server accepts; rules that live in validators rather than in field bounds are
-added below, and the node's own limits (max_tokens_cap, the keys) are filled in from its
-settings. Responses are described by the models here; tests hold them against the real server
-(schemathesis, with response conformance checks).
+Request bodies are the pydantic models the routes validate with (schemas.py), bounds and all,
+so the document says what the server accepts; only the node's own caps (max_tokens_cap, the
+body size, the keys) are filled in from its settings. Responses are described by the models
+here; tests hold them against the real server (schemathesis, with response conformance checks).
 """
 
 from __future__ import annotations
@@ -14,12 +13,11 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.json_schema import models_json_schema
 
-from . import __version__
-from .schemas import MAX_STOP_STRINGS, ChatCompletionRequest, CompletionRequest, GenerateRequest
-from .settings import Settings
+from .. import __version__
+from ..settings import Settings
+from .schemas import ChatCompletionRequest, CompletionRequest, GenerateRequest
 
 REF = "#/components/schemas/{model}"
-MAX_STOP_LENGTH = 200  # schemas.Sampling's stop validator
 
 
 class _Response(BaseModel):
@@ -210,34 +208,14 @@ def _component_schemas() -> dict[str, Any]:
     return schemas
 
 
-def _tighten_requests(schemas: dict[str, Any], settings: Settings) -> None:
-    """State in the schema what the validators and the node's settings enforce."""
+def _cap_max_tokens(schemas: dict[str, Any], settings: Settings) -> None:
+    """State the node's max_tokens_cap (a setting) on the fields it bounds."""
     for name in ("GenerateRequest", "ChatCompletionRequest", "CompletionRequest"):
         properties = schemas[name]["properties"]
         for field in ("max_tokens", "max_completion_tokens"):
-            if field in properties:
-                for option in properties[field]["anyOf"]:
-                    if option.get("type") == "integer":
-                        option["maximum"] = settings.max_tokens_cap
-        for option in properties["stop"]["anyOf"]:
-            if option.get("type") == "string":
-                option["maxLength"] = MAX_STOP_LENGTH
-            elif option.get("type") == "array":
-                option["maxItems"] = MAX_STOP_STRINGS
-                option["items"]["maxLength"] = MAX_STOP_LENGTH
-    # The engine refuses a prompt of no tokens.
-    generate_prompt = schemas["GenerateRequest"]["properties"]["prompt"]["anyOf"][0]
-    generate_prompt["minLength"] = 1
-    for option in schemas["CompletionRequest"]["properties"]["prompt"]["anyOf"]:
-        if option["type"] == "string":
-            option["minLength"] = 1
-        else:
-            option["items"]["minLength"] = 1
-    # GenerateRequest's model validator: exactly one of `prompt` and `messages` (null = absent).
-    schemas["GenerateRequest"]["oneOf"] = [
-        {"required": ["prompt"], "properties": {"prompt": {"type": "string", "minLength": 1}}},
-        {"required": ["messages"], "properties": {"messages": {"type": "array"}}},
-    ]
+            for option in properties.get(field, {}).get("anyOf", []):
+                if option.get("type") == "integer":
+                    option["maximum"] = settings.max_tokens_cap
 
 
 def _json(schema: str) -> dict[str, Any]:
@@ -342,7 +320,7 @@ def _operation(
 def openapi_document(settings: Settings, keys_required: bool) -> dict[str, Any]:
     """The document for a node with these settings (its caps; whether keys are required)."""
     schemas = _component_schemas()
-    _tighten_requests(schemas, settings)
+    _cap_max_tokens(schemas, settings)
     generate_ok = _event_stream(
         {"token": "TokenData", "done": "DoneData", "error": "ErrorData"}, done_marker=False
     )

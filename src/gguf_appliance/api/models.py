@@ -1,0 +1,37 @@
+"""GET /v1/models, and the model name every OpenAI-shaped request must send."""
+
+from __future__ import annotations
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from ..engine import Engine
+from ..errors import NotFound
+
+
+def model_id(request: Request) -> str:
+    return str(request.app.state.model_id)
+
+
+def check_model(request: Request, asked: str | None) -> None:
+    """Clients must send some model name; any name is served by the one model this node has,
+    except a name that is plainly another model's file."""
+    if asked and asked.endswith(".gguf") and asked != model_id(request) + ".gguf":
+        raise NotFound(
+            f"model {asked!r} is not served here; this node serves {model_id(request)!r}"
+        )
+
+
+async def models(request: Request) -> Response:
+    engine: Engine = request.app.state.engine
+    data = []
+    if engine.ready:
+        data.append(
+            {
+                "id": model_id(request),
+                "object": "model",
+                "created": int(request.app.state.started_at),
+                "owned_by": "gguf-appliance",
+            }
+        )
+    return JSONResponse({"object": "list", "data": data})

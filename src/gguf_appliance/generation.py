@@ -1,0 +1,125 @@
+"""A generation inside the engine: its parameters, the queued job the scheduler works on, the
+events it sends back, and the `Generation` handle the caller holds."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncGenerator, AsyncIterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from .errors import ApplianceError
+from .llama import SamplingParams
+
+if TYPE_CHECKING:
+    from .grammar_worker import Grammar
+    from .scheduler import SlotScheduler
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    max_tokens: int
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    stop: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    text: str
+
+
+@dataclass(frozen=True)
+class DoneEvent:
+    finish_reason: str  # stop | length | cancelled | timeout
+    prompt_tokens: int
+    cached_tokens: int  # prompt tokens whose KV was reused, not evaluated again
+    completion_tokens: int
+    queue_seconds: float
+    time_to_first_token: float | None
+    tokens_per_second: float | None
+    duration: float
+
+
+@dataclass(frozen=True)
+class ErrorEvent:
+    error: ApplianceError
+
+
+Event = TokenEvent | DoneEvent | ErrorEvent
+
+
+@dataclass(eq=False)
+class Job:
+    """A tokenized request. The scheduler thread writes its events; the event loop reads them."""
+
+    id: int
+    prompt: list[int]
+    params: GenerationParams
+    deadline: float
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue[Event | None] = field(default_factory=asyncio.Queue)  # None: a nudge
+    submitted: float = field(default_factory=time.monotonic)
+    cancelled: bool = False
+    abort: ApplianceError | None = None  # set with `cancelled` when the node ends the job
+    grammar: Grammar | None = None  # loaded at submit; closed by the scheduler
+
+    def free_grammar(self) -> None:
+        if self.grammar is not None:
+            self.grammar.close()
+            self.grammar = None
+
+    def ended_in_queue(self, reason: str, now: float) -> DoneEvent:
+        waited = now - self.submitted
+        return DoneEvent(reason, len(self.prompt), 0, 0, waited, None, None, waited)
+
+
+class Generation:
+    """A submitted request: iterate its events; cancel it when the client goes away.
+
+    It remembers what passed (the text, the final event) for the request's log line.
+    """
+
+    def __init__(self, scheduler: SlotScheduler, job: Job) -> None:
+        self._scheduler = scheduler
+        self._job = job
+        self.text: list[str] = []
+        self.outcome: DoneEvent | ErrorEvent | None = None
+
+    async def events(self) -> AsyncIterator[Event]:
+        async for event in self.stream():
+            if event is not None:
+                yield event
+
+    async def stream(self) -> AsyncGenerator[Event | None, None]:
+        """The events, and a None for each `nudge()` (a caller's timer, say) in between."""
+        queue = self._job.events
+        while self.outcome is None:
+            event = await queue.get()
+            if isinstance(event, TokenEvent):
+                self.text.append(event.text)
+            elif event is not None:
+                self.outcome = event
+            yield event
+
+    def nudge(self) -> None:
+        """Wake the consumer of `stream()` with a None (from the event loop's thread)."""
+        self._job.events.put_nowait(None)
+
+    def cancel(self) -> None:
+        self._scheduler.cancel(self._job)
+
+    async def settle(self, timeout: float) -> DoneEvent | ErrorEvent | None:
+        """The final event; if the consumer left early (a disconnect), wait for it a while.
+
+        Every job ends with a done or error event, a cancelled one within a decode step.
+        """
+        if self.outcome is None:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._drain(), timeout)
+        return self.outcome
+
+    async def _drain(self) -> None:
+        async for _ in self.events():
+            pass
