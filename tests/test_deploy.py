@@ -6,6 +6,7 @@ import functools
 import hashlib
 import http.server
 import importlib.metadata
+import itertools
 import os
 import re
 import shutil
@@ -95,17 +96,72 @@ def test_systemd_security_exposure_is_at_most_2_5(tmp_path: Path, unit: str) -> 
     assert float(match.group(1)) <= 2.5
 
 
+def directives_without_a_why(text: str) -> list[str]:
+    """The directive lines of a unit file that no comment explains.
+
+    A comment covers the directive lines directly under it, up to the next blank line, section
+    header or comment: each directive's nearest line above that is not a directive must be a
+    comment saying something ("#" alone or a "# --- heading ---" says nothing).
+    """
+    missing = []
+    explained = False
+    for line in text.splitlines():
+        stripped = line.strip()
+        if not stripped or stripped.startswith("["):
+            explained = False
+        elif stripped.startswith(("#", ";")):
+            words = stripped.lstrip("#; ")
+            explained = bool(words) and not re.fullmatch(r"-+ .* -+", words)
+        elif not explained:  # anything else is a directive (or a line systemd would reject)
+            missing.append(line)
+    return missing
+
+
 def test_every_directive_sits_under_a_comment_saying_why() -> None:
-    # Directives come in small groups; each group opens with its comment line.
     for unit in UNITS:
         text = (ROOT / "systemd" / unit).read_text()
-        for block in text.split("\n\n"):
-            lines = [line for line in block.splitlines() if line.strip()]
-            if lines and not lines[0].startswith("[") and "=" in block:
-                assert lines[0].startswith("#"), f"{unit}: no comment above {lines[0]}"
-            for i, line in enumerate(lines[1:], start=1):
-                if line.startswith("["):
-                    assert lines[i + 1].startswith("#"), f"{unit}: no comment after {line}"
+        assert directives_without_a_why(text) == [], unit
+
+
+@pytest.mark.parametrize(
+    ("text", "missing"),
+    [
+        ("[Service]\n# Why.\nType=notify\nNotifyAccess=main\n", []),
+        ("[Service]\n# Why,\n# and more.\nType=notify\n", []),
+        ("[Service]\nType=notify\n", ["Type=notify"]),
+        ("[Service]\n# Why.\nType=notify\n\nNotifyAccess=main\n", ["NotifyAccess=main"]),
+        ("# Why.\n[Service]\nType=notify\n", ["Type=notify"]),
+        ("[Service]\n# --- who it runs as ---\nUser=x\n", ["User=x"]),
+        ("[Service]\n#\nUser=x\n", ["User=x"]),
+        (
+            "[Service]\n# Why.\n[Install]\nWantedBy=multi-user.target\n",
+            ["WantedBy=multi-user.target"],
+        ),
+    ],
+)
+def test_the_comment_check_names_each_directive_with_no_why(text: str, missing: list[str]) -> None:
+    assert directives_without_a_why(text) == missing
+
+
+@pytest.mark.parametrize("unit", UNITS)
+def test_the_comment_check_catches_a_broken_copy_of_each_unit(tmp_path: Path, unit: str) -> None:
+    lines = (ROOT / "systemd" / unit).read_text().splitlines()
+    # A directive added after a blank line, away from any comment.
+    (tmp_path / "added").write_text("\n".join([*lines, "", "Nice=5"]) + "\n")
+    assert directives_without_a_why((tmp_path / "added").read_text()) == ["Nice=5"]
+    # A one-line comment opening a group after a blank line or section header, taken away.
+    opening = [
+        i
+        for i in range(1, len(lines) - 1)
+        if lines[i].startswith("#")
+        and (not lines[i - 1] or lines[i - 1].startswith("["))
+        and not lines[i + 1].startswith("#")
+    ]
+    i = opening[-1]
+    group = list(itertools.takewhile(lambda line: line and line[0] not in "#[", lines[i + 1 :]))
+    (tmp_path / "removed").write_text("\n".join(lines[:i] + lines[i + 1 :]) + "\n")
+    uncovered = directives_without_a_why((tmp_path / "removed").read_text())
+    assert uncovered == group and group, lines[i]
 
 
 def test_nginx_accepts_the_rendered_site(tmp_path: Path) -> None:
