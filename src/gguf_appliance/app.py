@@ -22,13 +22,14 @@ from .api.access_log import AccessLogMiddleware
 from .api.auth import AuthMiddleware
 from .api.endpoint import on_appliance_error, on_http_error
 from .api.security_headers import SecurityHeadersMiddleware
+from .downloads import redact_source
 from .engine import Engine, engine_config, load_configured_model
 from .errors import ApplianceError, ModelError
 from .keys import ApiKeys
 from .metrics import Metrics
 from .resources import static_dir
 from .settings import Settings
-from .sources import redact_source, resolve_source
+from .sources import resolve_source
 from .systemd import SystemdNotifier
 
 log = logging.getLogger("gguf_appliance.app")

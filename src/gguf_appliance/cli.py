@@ -148,7 +148,7 @@ def settings_markdown() -> str:
 def shown_settings(settings: Settings) -> dict[str, Any]:
     """The settings as `settings` prints them: API keys by their last 4 characters only, the
     model source redacted (a URL may hold a token)."""
-    from .sources import redact_source
+    from .downloads import redact_source
 
     shown = settings.model_dump(mode="json")
     shown["api_keys"] = [f"***{key[-4:]}" for key in settings.api_keys]

@@ -23,12 +23,42 @@ from tqdm.std import tqdm as Tqdm
 
 from .errors import ModelError
 from .progress import new_bar
-from .sources import redact_source
 
 log = logging.getLogger("gguf_appliance.fetch")
 
 _ATTEMPTS = 5  # tries per file while each one still brings new bytes
 _CHUNK = 1 << 20
+
+
+# A file name that may be shown: ends in .gguf and is short (not an opaque token).
+GGUF_NAME = re.compile(r"[^/\\\x00-\x1f\x7f]{1,120}\.gguf")
+
+
+def redact_source(uri: str) -> str:
+    """The source as it may be shown in a message, a log line or /health/ready.
+
+    A URL keeps its scheme, host and port and its file name; credentials, the query and the
+    path segments in between (where a pre-authenticated request keeps its token) become `...`.
+    Bundled names, hf:// sources and local paths hold no secret and are shown as they are.
+    """
+    if "://" not in uri or uri.startswith(("hf://", "file://")):
+        return uri
+    url = urlparse(uri)
+    host = url.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    try:
+        port = url.port
+    except ValueError:
+        port = None
+    shown = f"{url.scheme}://{host}" + (f":{port}" if port else "")
+    segments = [s for s in url.path.split("/") if s]
+    if len(segments) > 1:
+        shown += "/..."
+    if segments:
+        name = segments[-1]
+        shown += "/" + (name if GGUF_NAME.fullmatch(name) else "...")
+    return shown + ("?..." if url.query else "")
 
 
 class FetchUnavailable(ModelError):

@@ -289,7 +289,7 @@ class Engine:
             grammar=grammar,
         )
         scheduler.enqueue(job)
-        return Generation(scheduler, job)
+        return Generation(job, scheduler.cancel)
 
     def abort_all(self, error: ApplianceError) -> None:
         """End every queued and running request with `error` (the drain's last resort)."""

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -15,7 +15,6 @@ from .llama import SamplingParams
 
 if TYPE_CHECKING:
     from .grammar_worker import Grammar
-    from .scheduler import SlotScheduler
 
 
 @dataclass(frozen=True)
@@ -81,9 +80,9 @@ class Generation:
     It remembers what passed (the text, the final event) for the request's log line.
     """
 
-    def __init__(self, scheduler: SlotScheduler, job: Job) -> None:
-        self._scheduler = scheduler
+    def __init__(self, job: Job, cancel: Callable[[Job], None]) -> None:
         self._job = job
+        self._cancel = cancel
         self.text: list[str] = []
         self.outcome: DoneEvent | ErrorEvent | None = None
 
@@ -108,7 +107,7 @@ class Generation:
         self._job.events.put_nowait(None)
 
     def cancel(self) -> None:
-        self._scheduler.cancel(self._job)
+        self._cancel(self._job)
 
     async def settle(self, timeout: float) -> DoneEvent | ErrorEvent | None:
         """The final event; if the consumer left early (a disconnect), wait for it a while.

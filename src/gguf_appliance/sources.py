@@ -29,6 +29,13 @@ from urllib.parse import unquote, urlparse, urlunparse
 
 from filelock import FileLock
 
+from .downloads import (
+    GGUF_NAME,
+    disk_error,
+    download_from_hub,
+    download_url,
+    redact_source,
+)
 from .errors import ModelError
 from .gguf_file import GGUFInfo, inspect_gguf
 from .progress import progress_class
@@ -65,46 +72,17 @@ class Source:
         return self.kind in ("hf", "url")
 
 
-def redact_source(uri: str) -> str:
-    """The source as it may be shown in a message, a log line or /health/ready.
-
-    A URL keeps its scheme, host and port and its file name; credentials, the query and the
-    path segments in between (where a pre-authenticated request keeps its token) become `...`.
-    Bundled names, hf:// sources and local paths hold no secret and are shown as they are.
-    """
-    if "://" not in uri or uri.startswith(("hf://", "file://")):
-        return uri
-    url = urlparse(uri)
-    host = url.hostname or ""
-    if ":" in host:
-        host = f"[{host}]"
-    try:
-        port = url.port
-    except ValueError:
-        port = None
-    shown = f"{url.scheme}://{host}" + (f":{port}" if port else "")
-    segments = [s for s in url.path.split("/") if s]
-    if len(segments) > 1:
-        shown += "/..."
-    if segments:
-        name = segments[-1]
-        shown += "/" + (name if _GGUF_NAME.fullmatch(name) else "...")
-    return shown + ("?..." if url.query else "")
-
-
-# A file name that may be shown: ends in .gguf and is short (not an opaque token).
-_GGUF_NAME = re.compile(r"[^/\\\x00-\x1f\x7f]{1,120}\.gguf")
-# Hugging Face owner and repository names, and a git ref or commit (branch, tag, refs/pr/1).
-_HF_NAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9])?")
-_REVISION = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._/-]{0,198}[A-Za-z0-9])?")
-
-
 def _check_component(part: str, uri: str) -> None:
     if part in ("", ".", "..") or any(ch == "\\" or ord(ch) < 32 or ord(ch) == 127 for ch in part):
         raise ModelError(
             f"bad model source {redact_source(uri)!r}: empty, '.', '..', backslash and control "
             f"characters are refused in its path"
         )
+
+
+# Hugging Face owner and repository names, and a git ref or commit (branch, tag, refs/pr/1).
+_HF_NAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9])?")
+_REVISION = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._/-]{0,198}[A-Za-z0-9])?")
 
 
 def _check_revision(revision: str, uri: str) -> None:
@@ -148,7 +126,7 @@ def parse_source(uri: str) -> Source:
         segments = url.path.split("/")
         if "." in segments or ".." in segments:
             raise ModelError(f"refusing a URL with '.' or '..' in its path: {redact_source(uri)}")
-        if not _GGUF_NAME.fullmatch(segments[-1]):
+        if not GGUF_NAME.fullmatch(segments[-1]):
             raise ModelError(
                 f"the URL must name a .gguf file (its path's last part), not {redact_source(uri)!r}"
             )
@@ -304,8 +282,6 @@ def fetch_model(
     then moved into place. Concurrent fetches of one model wait for each other; a model already
     fetched and verified is not fetched again.
     """
-    from .downloads import disk_error
-
     sha256 = sha256.lower() if sha256 else None
     source = parse_source(uri)
     target = resolve_source(uri, models_dir)
@@ -343,8 +319,6 @@ def fetch_model(
 def _fetch_one(
     source: Source, dest: Path, sha256: str | None, progress: type, models_dir: Path
 ) -> GGUFInfo:
-    from .downloads import disk_error, download_from_hub, download_url
-
     staged = dest.with_name(dest.name + ".part")
     if source.kind == "url":
         url = urlparse(source.location)
