@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import threading
-import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +21,8 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, RedirectResponse, Response, StreamingResponse
 from starlette.routing import Route
+
+from .conftest import wait_until
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 TOKEN = "hf_test_token_0123456789"
@@ -199,11 +200,12 @@ class HubServer:
 
     def start(self) -> HubServer:
         self.thread.start()
-        deadline = time.monotonic() + 10
-        while not self.server.started:
-            if time.monotonic() > deadline:
-                raise RuntimeError("hub server did not start")
-            time.sleep(0.02)
+        wait_until(
+            lambda: self.server.started or not self.thread.is_alive(),
+            10,
+            "the hub server never started",
+        )
+        assert self.server.started, "the hub server's thread ended before it started"
         return self
 
     def stop(self) -> None:

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import time
 from pathlib import Path
 
 import httpx
 
 from gguf_appliance.install import InstallPlan, rendered_files
 from gguf_appliance.resources import static_dir
+
+from .conftest import wait_until
 
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 
@@ -73,17 +74,20 @@ class RunningNginx:
             stderr=subprocess.PIPE,
             text=True,
         )
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                httpx.get(self.url + "/", timeout=1)
-                return
-            except httpx.TransportError:
-                if self.process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(
-                        f"nginx did not start: {self.process.stderr.read()}"
-                    ) from None
-                time.sleep(0.05)
+        try:
+            wait_until(self._answers, 10, f"nginx never answered on {self.url}")
+        except BaseException:
+            self.stop()
+            raise
+
+    def _answers(self) -> bool:
+        try:
+            httpx.get(self.url + "/", timeout=1)
+            return True
+        except httpx.TransportError:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"nginx did not start: {self.process.stderr.read()}") from None
+            return False
 
     def stop(self) -> None:
         self.process.terminate()

@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -20,7 +19,7 @@ import pytest
 from gguf_appliance.batch import pack, split_text
 from gguf_appliance.batch_io import ResultWriter, read_rows
 
-from .conftest import RunningServer, free_port
+from .conftest import RunningServer, free_port, wait_until
 from .reviews import make_reviews
 
 LABELS = {"positive", "negative", "neutral"}
@@ -254,11 +253,11 @@ def test_a_killed_job_rerun_gives_every_row_once(tmp_path: Path) -> None:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and job.poll() is None:
-        if out.exists() and out.read_text().count("\n") >= 30:
-            break
-        time.sleep(0.05)
+    wait_until(
+        lambda: job.poll() is not None or (out.exists() and out.read_text().count("\n") >= 30),
+        120,
+        "the job never wrote 30 rows",
+    )
     assert job.poll() is None, "the job ended before it could be killed"
     job.send_signal(signal.SIGKILL)
     job.wait()

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 
 import pytest
 
@@ -13,6 +14,14 @@ from .conftest import collect
 
 GREEDY = SamplingParams(temperature=0.0)
 STORY = [{"role": "user", "content": "Write a very long story about a dragon and a knight."}]
+
+
+async def wait_for_condition(condition: Callable[[], object], timeout: float, what: str) -> None:
+    """conftest.wait_until for a test's event loop: the loop keeps running while it waits."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"{what} (waited {timeout:g} s)"
+        await asyncio.sleep(0.05)
 
 
 def params(max_tokens: int = 64, stop: tuple[str, ...] = (), **sampling: float) -> GenerationParams:
@@ -64,7 +73,7 @@ def test_cancel_stops_generation_within_one_token(engine: Engine) -> None:
         last = None
         async for event in events:
             last = event
-        await asyncio.sleep(0.3)
+        await wait_for_condition(lambda: engine.busy_slots == 0, 5, "the slot never freed")
         assert isinstance(last, DoneEvent)
         return at_cancel, engine.token_totals()[2], last
 
@@ -131,7 +140,11 @@ def test_abort_ends_running_and_queued_requests_with_an_error(engine: Engine) ->
     async def scenario() -> list[object]:
         prompt = engine.tokenize_messages(STORY)
         generations = [engine.submit(prompt, params(300), timeout=60) for _ in range(2)]
-        await asyncio.sleep(0.2)
+        await wait_for_condition(
+            lambda: engine.busy_slots == 1 and engine.queue_depth == 1,
+            5,
+            "never one generation running and one queued",
+        )
         engine.abort_all(Draining("bye"))
         ends = []
         for generation in generations:

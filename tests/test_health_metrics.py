@@ -8,7 +8,7 @@ import httpx
 from gguf_appliance.app import create_app
 from gguf_appliance.settings import Settings
 
-from .conftest import RunningServer
+from .conftest import RunningServer, wait_until
 
 
 def test_ready_is_503_loading_before_the_model_is_loaded() -> None:
@@ -38,14 +38,15 @@ def test_ready_is_200_with_the_model_once_loaded(server: RunningServer) -> None:
     assert response.json() == {"status": "ready", "model": "SmolLM2-135M-Instruct.Q4_1"}
 
 
+def loading(node: RunningServer) -> bool:
+    return bool(httpx.get(node.url("/health/ready")).json()["status"] == "loading")
+
+
 def test_a_missing_model_keeps_ready_503_with_the_reason(start_server: Any, tmp_path: Any) -> None:
     node = start_server(ready=False, model=str(tmp_path / "absent.gguf"))
     node.wait_live()
-    for _ in range(100):
-        ready = httpx.get(node.url("/health/ready"))
-        if ready.json()["status"] != "loading":
-            break
-        asyncio.run(asyncio.sleep(0.05))
+    wait_until(lambda: not loading(node), 5, "the model never stopped loading")
+    ready = httpx.get(node.url("/health/ready"))
     assert ready.status_code == 503
     assert ready.json()["status"] == "failed"
     assert "model file not found" in ready.json()["reason"]
@@ -60,11 +61,8 @@ def test_a_corrupt_model_is_refused_with_one_line(start_server: Any, tmp_path: A
     bad.write_bytes(b"GGUF" + b"\xff" * 200)
     node = start_server(ready=False, model=str(bad))
     node.wait_live()
-    for _ in range(100):
-        ready = httpx.get(node.url("/health/ready")).json()
-        if ready["status"] != "loading":
-            break
-        asyncio.run(asyncio.sleep(0.05))
+    wait_until(lambda: not loading(node), 5, "the model never stopped loading")
+    ready = httpx.get(node.url("/health/ready")).json()
     assert ready["status"] == "failed"
     assert "corrupt or truncated GGUF file" in ready["reason"]
     assert "Traceback" not in node.log()

@@ -7,7 +7,7 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from .endpoint import collect, generation_params, read_body, start, stream
+from .endpoint import collect, read_body, start, stream
 from .models import check_model
 from .openai import chunks, finish_reason, header, usage
 from .schemas import ChatCompletionRequest
@@ -18,10 +18,7 @@ async def chat_completions(request: Request) -> Response:
     check_model(request, body.model)
     messages = [m.as_template_message() for m in body.messages]
     generation = await start(
-        request,
-        lambda engine: engine.tokenize_messages(messages),
-        generation_params(request, body),
-        prompt_field="messages",
+        request, body, lambda engine: engine.tokenize_messages(messages), prompt_field="messages"
     )
     base = header(request, "chatcmpl-", "chat.completion.chunk")
     if body.stream:

@@ -7,7 +7,7 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from .endpoint import collect, generation_params, read_body, start, stream
+from .endpoint import collect, read_body, start, stream
 from .models import check_model
 from .openai import chunks, finish_reason, header, usage
 from .schemas import CompletionRequest
@@ -18,10 +18,7 @@ async def completions(request: Request) -> Response:
     check_model(request, body.model)
     prompt = body.prompt_text
     generation = await start(
-        request,
-        lambda engine: engine.tokenize_prompt(prompt),
-        generation_params(request, body),
-        prompt_field="prompt",
+        request, body, lambda engine: engine.tokenize_prompt(prompt), prompt_field="prompt"
     )
     base = header(request, "cmpl-", "text_completion")
     if body.stream:

@@ -88,7 +88,7 @@ def _describe(exc: ValidationError) -> str:
     return "; ".join(parts)
 
 
-def generation_params(request: Request, body: Sampling) -> GenerationParams:
+def _generation_params(request: Request, body: Sampling) -> GenerationParams:
     """The body's generation parameters, with the node's defaults and policy."""
     settings: Settings = request.app.state.settings
     params = body.generation_params(settings.effective_default_max_tokens)
@@ -104,16 +104,17 @@ def generation_params(request: Request, body: Sampling) -> GenerationParams:
 
 async def start(
     request: Request,
+    body: Sampling,
     tokenize: Callable[[Engine], list[int]],
-    params: GenerationParams,
     *,
     prompt_field: str,
 ) -> Generation:
     """Tokenize and build the grammar (both off the event loop), then submit on the app's
-    engine. Raises ApplianceError before any response; errors about the prompt name
-    `prompt_field`, the body's field that holds it."""
+    engine with the body's parameters. Raises ApplianceError before any response; errors
+    about the prompt name `prompt_field`, the body's field that holds it."""
     engine: Engine = request.app.state.engine
     settings: Settings = request.app.state.settings
+    params = _generation_params(request, body)
     try:
         prompt = await asyncio.to_thread(tokenize, engine)
         limit = settings.max_prompt_tokens

@@ -14,23 +14,22 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from ..engine import DoneEvent, Event, TokenEvent
-from .endpoint import event_json, generation_params, read_body, start, stream
+from .endpoint import event_json, read_body, start, stream
 from .schemas import GenerateRequest
 from .sse import frame
 
 
 async def generate(request: Request) -> Response:
     body = await read_body(request, GenerateRequest)
-    params = generation_params(request, body)
     if body.messages is not None:
         messages = [m.as_template_message() for m in body.messages]
         generation = await start(
-            request, lambda e: e.tokenize_messages(messages), params, prompt_field="messages"
+            request, body, lambda e: e.tokenize_messages(messages), prompt_field="messages"
         )
     else:
         prompt = body.prompt or ""
         generation = await start(
-            request, lambda e: e.tokenize_prompt(prompt), params, prompt_field="prompt"
+            request, body, lambda e: e.tokenize_prompt(prompt), prompt_field="prompt"
         )
     return stream(request, generation, _render)
 
