@@ -39,6 +39,8 @@ def test_schemathesis_finds_no_5xx_and_no_response_off_the_document(
         n_slots=2,
         # Short answers keep each case fast; a larger max_tokens is refused, as documented.
         max_tokens_cap=8,
+        # The same for embeddings: 2,048 inputs of one token each took over 60 s on 2 busy cores.
+        embedding_max_tokens=256,
         # One thread: llama.cpp's threads spin-wait on each other, which stalls badly when
         # other suites share the 2 cores.
         threads=1,
@@ -77,7 +79,7 @@ def test_schemathesis_finds_no_5xx_and_no_response_off_the_document(
     assert generated, result.stdout[-3000:]
     assert int(generated[1]) == int(generated[2]) >= 300
     # The fuzzing reached the model on every generation route, not only the validators.
-    for route in ("/generate", "/v1/chat/completions", "/v1/completions"):
+    for route in ("/generate", "/v1/chat/completions", "/v1/completions", "/v1/embeddings"):
         for status in (200, 400):
             sample = f'gguf_appliance_requests_total{{route="{route}",status="{status}"}}'
             assert node.metric(sample, default=0) > 0, sample
@@ -91,6 +93,7 @@ def test_the_document_names_every_route_and_the_errors_they_return(server: Runni
         "/generate",
         "/v1/chat/completions",
         "/v1/completions",
+        "/v1/embeddings",
         "/v1/models",
         "/health/live",
         "/health/ready",
@@ -122,6 +125,7 @@ def test_protected_operations_answer_401_as_documented(start_server: Any) -> Non
         ("/generate", "post"),
         ("/v1/chat/completions", "post"),
         ("/v1/completions", "post"),
+        ("/v1/embeddings", "post"),
         ("/v1/models", "get"),
     ]
     for path, method in protected:

@@ -17,19 +17,20 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.routing import Route
 from starlette.staticfiles import StaticFiles
 
-from .api import chat, completions, models, node, page
+from .api import chat, completions, embeddings, models, node, page
 from .api.access_log import AccessLogMiddleware
 from .api.auth import AuthMiddleware
 from .api.endpoint import on_appliance_error, on_http_error
 from .api.security_headers import SecurityHeadersMiddleware
 from .downloads import redact_source
-from .engine import Engine, engine_config, load_configured_model
+from .embeddings import EmbeddingService
+from .engine import Engine, engine_config
 from .errors import ApplianceError, ModelError
 from .keys import ApiKeys
 from .metrics import Metrics
 from .resources import static_dir
 from .settings import Settings
-from .sources import resolve_source
+from .sources import fetch_model, resolve_source
 from .systemd import SystemdNotifier
 
 log = logging.getLogger("gguf_appliance.app")
@@ -53,12 +54,25 @@ def create_app(settings: Settings) -> Starlette:
     api_keys = ApiKeys(settings.api_keys, settings.api_key_file, open_api=settings.open_api)
     engine = Engine(engine_config(settings))
     app_metrics = Metrics(engine)
+    embedding = EmbeddingService(settings)
 
     notifier = SystemdNotifier()
 
     async def load_model() -> None:
         try:
-            path = await load_configured_model(engine, settings)
+            info = await asyncio.to_thread(
+                fetch_model,
+                settings.model,
+                settings.models_dir,
+                sha256=settings.model_sha256,
+                progress_interval=settings.progress_interval,
+            )
+            path = info.path
+            # The embedder loads in the lifespan, before the chat engine, not lazily: when
+            # /health/ready says 200 every route answers, and a bad EMBEDDING_MODEL shows at
+            # start (in readiness and `systemctl status`), not on some later request.
+            await embedding.load(path)
+            await asyncio.to_thread(engine.load, path)
             notifier.notify("READY=1", f"STATUS=serving {path.name}")
         except Exception as exc:
             # A bad model is not a crash: the node stays up, says why on /health/ready and in
@@ -98,11 +112,13 @@ def create_app(settings: Settings) -> Starlette:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
             await asyncio.to_thread(engine.close)
+            await asyncio.to_thread(embedding.close)
 
     routes = [
         Route("/generate", page.generate, methods=["POST"]),
         Route("/v1/chat/completions", chat.chat_completions, methods=["POST"]),
         Route("/v1/completions", completions.completions, methods=["POST"]),
+        Route("/v1/embeddings", embeddings.embeddings, methods=["POST"]),
         Route("/v1/models", models.models, methods=["GET"]),
         Route("/health/live", node.live, methods=["GET"]),
         Route("/health/ready", node.ready, methods=["GET"]),
@@ -149,5 +165,6 @@ def create_app(settings: Settings) -> Starlette:
     app.state.metrics = app_metrics
     app.state.api_keys = api_keys
     app.state.model_id = _model_id(settings)
+    app.state.embeddings = embedding
     app.state.started_at = time.time()
     return app

@@ -46,6 +46,16 @@ def cmd_fetch(args: argparse.Namespace) -> int:
         progress_interval=settings.progress_interval,
     )
     print(info.path)
+    if args.source is None and settings.embedding_model:
+        # The fetch unit runs `fetch` alone: the embedding model too, so the node (whose
+        # models directory is read-only) finds both fetched and verified.
+        embedding = fetch_model(
+            settings.embedding_model,
+            settings.models_dir,
+            sha256=settings.embedding_model_sha256,
+            progress_interval=settings.progress_interval,
+        )
+        print(embedding.path)
     return 0
 
 
@@ -153,6 +163,8 @@ def shown_settings(settings: Settings) -> dict[str, Any]:
     shown = settings.model_dump(mode="json")
     shown["api_keys"] = [f"***{key[-4:]}" for key in settings.api_keys]
     shown["model"] = redact_source(settings.model)
+    if settings.embedding_model:
+        shown["embedding_model"] = redact_source(settings.embedding_model)
     return shown
 
 

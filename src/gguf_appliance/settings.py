@@ -177,6 +177,31 @@ class Settings(BaseSettings):
         description="Accept raw GBNF grammars in a request's `grammar` field (JSON schemas in "
         "`response_format` stay allowed); off, such a request gets 400.",
     )
+    embedding_model: str | None = Field(
+        None,
+        min_length=1,
+        description="Model source of /v1/embeddings (any MODEL source, fetched and verified the "
+        "same way; listed by /v1/models); default: the chat model's own file.",
+    )
+    embedding_model_sha256: str | None = Field(
+        None,
+        pattern=r"^[0-9a-fA-F]{64}$",
+        description="Expected sha256 of EMBEDDING_MODEL's file; refused if it differs.",
+    )
+    embedding_ctx: int = Field(
+        512,
+        ge=16,
+        le=131072,
+        description="Longest /v1/embeddings input in tokens (never above what the model was "
+        "trained on); a longer one gets 400, never cut.",
+    )
+    embedding_max_tokens: int = Field(
+        8192,
+        ge=16,
+        le=1_048_576,
+        description="Most tokens of one /v1/embeddings request, all its inputs together; more "
+        "gets 400.",
+    )
     api_keys: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="Bearer keys required on /generate and /v1 (comma-separated). With no key "

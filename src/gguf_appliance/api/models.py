@@ -5,6 +5,7 @@ from __future__ import annotations
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from ..embeddings import EmbeddingService
 from ..engine import Engine
 from ..errors import NotFound
 
@@ -34,4 +35,7 @@ async def models(request: Request) -> Response:
                 "owned_by": "gguf-appliance",
             }
         )
+    embedding: EmbeddingService = request.app.state.embeddings
+    if engine.ready and embedding.model_id is not None:  # a model of its own for /v1/embeddings
+        data.append({**data[0], "id": embedding.model_id})
     return JSONResponse({"object": "list", "data": data})

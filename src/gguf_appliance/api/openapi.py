@@ -15,6 +15,7 @@ from pydantic.json_schema import models_json_schema
 
 from .. import __version__
 from ..settings import Settings
+from .embeddings import EmbeddingRequest
 from .schemas import ChatCompletionRequest, CompletionRequest, GenerateRequest
 
 REF = "#/components/schemas/{model}"
@@ -111,6 +112,27 @@ class Completion(_Response):
     usage: Usage
 
 
+class Embedding(_Response):
+    object: Literal["embedding"]
+    index: int = Field(ge=0)
+    embedding: list[float] | str = Field(
+        description="L2-normalised; with `encoding_format: base64`, its little-endian float32 "
+        "bytes in base64."
+    )
+
+
+class EmbeddingUsage(_Response):
+    prompt_tokens: int = Field(ge=0)
+    total_tokens: int = Field(ge=0)
+
+
+class EmbeddingList(_Response):
+    object: Literal["list"]
+    data: list[Embedding] = Field(min_length=1, description="One per input, in their order.")
+    model: str
+    usage: EmbeddingUsage
+
+
 # What the `data:` of each server-sent event holds (JSON), by stream.
 
 
@@ -173,7 +195,12 @@ class CompletionChunk(_Response):
     usage: Usage | None = None
 
 
-_REQUESTS: list[type[BaseModel]] = [GenerateRequest, ChatCompletionRequest, CompletionRequest]
+_REQUESTS: list[type[BaseModel]] = [
+    GenerateRequest,
+    ChatCompletionRequest,
+    CompletionRequest,
+    EmbeddingRequest,
+]
 _RESPONSES: list[type[BaseModel]] = [
     ErrorBody,
     Live,
@@ -187,6 +214,7 @@ _RESPONSES: list[type[BaseModel]] = [
     ErrorData,
     ChatCompletionChunk,
     CompletionChunk,
+    EmbeddingList,
 ]
 
 _GENERATE_STREAM = """\
@@ -293,6 +321,21 @@ def _generation_errors(settings: Settings) -> dict[str, Any]:
     }
 
 
+def _embedding_errors(settings: Settings) -> dict[str, Any]:
+    errors = _generation_errors(settings)
+    errors["400"] = _error(
+        "Malformed JSON, a field not named here (`param` names it), an input of the wrong shape, "
+        "a token id the model lacks, `dimensions` other than the model's size, an input longer "
+        f"than the embedding context (`code: context_length_exceeded`) or more than "
+        f"{settings.embedding_max_tokens} tokens in all (`param: input`)."
+    )
+    errors["503"]["description"] = (
+        "The node is busy with other embedding requests (`queue_full`, with Retry-After), the "
+        "model is not loaded (`not_ready`) or the node is shutting down (`draining`)."
+    )
+    return errors
+
+
 def _operation(
     summary: str,
     responses: dict[str, Any],
@@ -372,6 +415,23 @@ def openapi_document(settings: Settings, keys_required: bool) -> dict[str, Any]:
                 keys=keys_required,
             )
         },
+        "/v1/embeddings": {
+            "post": _operation(
+                "OpenAI-compatible embeddings",
+                {
+                    "200": {
+                        "description": "One vector per input, pooled as the model says (mean "
+                        "for a model that says nothing, such as a chat model), L2-normalised.",
+                        "content": _json("EmbeddingList"),
+                    },
+                    "404": not_found,
+                    **_embedding_errors(settings),
+                },
+                protected=True,
+                body="EmbeddingRequest",
+                keys=keys_required,
+            )
+        },
         "/v1/models": {
             "get": _operation(
                 "The served model",
@@ -438,7 +498,7 @@ def openapi_document(settings: Settings, keys_required: bool) -> dict[str, Any]:
             "title": "gguf-appliance",
             "version": __version__,
             "description": "An LLM node: /generate (server-sent events), an OpenAI-compatible "
-            "/v1, health checks and metrics.",
+            "/v1 (chat, completions, embeddings), health checks and metrics.",
         },
         "paths": paths,
         "components": components,
