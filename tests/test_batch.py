@@ -554,3 +554,32 @@ def test_an_s3_output_that_is_the_input_or_someone_elses_is_refused_and_left_alo
     fs.invalidate_cache()
     assert fs.cat_file("refusals/in.jsonl") == rows
     assert fs.cat_file("refusals/notes.jsonl") == notes
+
+
+def test_embed_in_process_and_over_http_give_the_same_unit_vectors(
+    server: RunningServer, tmp_path: Path
+) -> None:
+    import numpy as np
+
+    rows = [
+        {"id": i, "text": f"Review {i}: the food was {'good' if i % 2 else 'bad'}."}
+        for i in range(12)
+    ]
+    rows.append({"id": "empty", "text": "  "})
+    src = write_jsonl(tmp_path / "in.jsonl", rows)
+    vectors = {}
+    for name, extra in (("local", ()), ("http", ("--target", server.base_url))):
+        out = tmp_path / f"{name}.jsonl"
+        result, summary = run_batch(str(src), str(out), "--task", "embed", *extra)
+        assert result.returncode == 3, result.stderr  # the empty row fails, said in its line
+        lines = output_lines(out)
+        assert_each_row_once(lines, [row["id"] for row in rows])
+        failed = [line for line in lines if line.get("error")]
+        assert [line["id"] for line in failed] == ["empty"]
+        assert summary["ok"] == 12 and summary["prompt_tokens"] > 12
+        done = {line["id"]: np.array(line["result"]) for line in lines if not line.get("error")}
+        assert all(v.shape == (576,) and abs(np.linalg.norm(v) - 1) < 1e-5 for v in done.values())
+        assert all(line["tokens"]["prompt"] > 0 for line in lines if not line.get("error"))
+        vectors[name] = done
+    for key, vector in vectors["local"].items():
+        assert np.allclose(vector, vectors["http"][key], atol=1e-5), key

@@ -23,11 +23,13 @@ from .batch_backends import (
     Backend,
     Completion,
     ContextExceeded,
+    Embedded,
     EngineBackend,
     HttpBackend,
     RowFailed,
 )
 from .batch_io import BatchInputError, ResultWriter, Row, read_rows, same_file, storage_options
+from .embeddings import Embedder, load_configured_embedder
 from .engine import Engine, engine_config, load_configured_model
 from .errors import InvalidRequest
 from .grammar import Constraint
@@ -37,7 +39,7 @@ from .settings import Settings
 log = logging.getLogger("gguf_appliance.batch")
 
 SENTIMENT_LABELS = ("positive", "negative", "neutral")
-TASKS = ("sentiment", "classify", "summarize", "template")
+TASKS = ("sentiment", "classify", "summarize", "template", "embed")
 
 
 class Limited:
@@ -54,6 +56,10 @@ class Limited:
     async def complete(self, messages: list[dict[str, str]], **kwargs: Any) -> Completion:
         async with self._semaphore:
             return await self.backend.complete(messages, **kwargs)
+
+    async def embed(self, text: str) -> Embedded:
+        async with self._semaphore:
+            return await self.backend.embed(text)
 
 
 @dataclass
@@ -123,6 +129,17 @@ class LabelTask:
         if completion.text not in self.labels:  # a server that ignores `grammar`
             raise RowFailed(f"the answer {completion.text!r} is not one of the labels")
         return outcome
+
+
+@dataclass
+class EmbedTask:
+    """The row's text as one L2-normalised vector (the node's embedding model)."""
+
+    text_field: str = "text"
+
+    async def run(self, row: Row, backend: Limited) -> Outcome:
+        embedded = await backend.embed(_text(row, self.text_field))
+        return Outcome(embedded.vector, prompt_tokens=embedded.prompt_tokens, calls=1)
 
 
 @dataclass
@@ -430,6 +447,8 @@ def make_task(opts: BatchOptions) -> Task:
             chunk_chars=opts.chunk_chars,
             max_tokens=opts.max_tokens,
         )
+    if opts.task == "embed":
+        return EmbedTask(text_field=opts.text_field)
     if opts.task == "template":
         if not opts.template:
             raise InvalidRequest("the template task needs --template", param="template")
@@ -465,6 +484,7 @@ async def run_batch(opts: BatchOptions, settings: Settings) -> JobSummary:
     backend: Backend
     http: HttpBackend | None = None
     engine: Engine | None = None
+    embedder: Embedder | None = None
     try:
         if opts.target:
             backend = http = HttpBackend(
@@ -476,6 +496,10 @@ async def run_batch(opts: BatchOptions, settings: Settings) -> JobSummary:
                 max_connections=opts.concurrency or 8,
             )
             concurrency = opts.concurrency or 8
+        elif opts.task == "embed":  # the embedding model alone: no chat context, no scheduler
+            embedder = await load_configured_embedder(settings)
+            backend = EngineBackend(None, settings.request_timeout, embedder=embedder)
+            concurrency = opts.concurrency or settings.n_slots
         else:
             engine = Engine(engine_config(settings))
             await load_configured_model(engine, settings)
@@ -496,3 +520,5 @@ async def run_batch(opts: BatchOptions, settings: Settings) -> JobSummary:
             await http.aclose()
         if engine is not None:
             await asyncio.to_thread(engine.close)
+        if embedder is not None:
+            await asyncio.to_thread(embedder.close)

@@ -1,6 +1,7 @@
 """Where a batch job's model calls go: the engine in this process, or a node's OpenAI API.
 
-Both answer `complete(messages, ...)` with a `Completion`. The HTTP backend retries with
+Both answer `complete(messages, ...)` with a `Completion` and `embed(text)` with an `Embedded`
+(in process through an `Embedder`, over HTTP through /v1/embeddings). The HTTP backend retries with
 backoff on 429, 502, 503, 504 and lost connections, honouring Retry-After; a wrong key or URL
 (401, 403, 404) ends the job, since every row would fail the same way.
 """
@@ -8,13 +9,16 @@ backoff on 429, 502, 503, 504 and lost connections, honouring Retry-After; a wro
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import random
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import httpx
+import numpy as np
 
+from .embeddings import Embedder
 from .engine import DoneEvent, Engine, ErrorEvent, GenerationParams, TokenEvent
 from .errors import ApplianceError, InvalidRequest, PromptTooLong, Unavailable
 from .grammar import Constraint
@@ -43,8 +47,16 @@ class Completion:
     finish_reason: str
 
 
+@dataclass(frozen=True)
+class Embedded:
+    vector: list[float]
+    prompt_tokens: int
+
+
 class Backend(Protocol):
     retries: int
+
+    async def embed(self, text: str) -> Embedded: ...
 
     async def complete(
         self,
@@ -57,12 +69,27 @@ class Backend(Protocol):
 
 
 class EngineBackend:
-    """The engine in this process; waits for room when its queue is full."""
+    """The engine in this process; waits for room when its queue is full. An embed job loads
+    only an embedder (`engine` None)."""
 
-    def __init__(self, engine: Engine, timeout: float) -> None:
+    def __init__(
+        self, engine: Engine | None, timeout: float, embedder: Embedder | None = None
+    ) -> None:
         self.engine = engine
+        self.embedder = embedder
         self.timeout = timeout
         self.retries = 0
+
+    async def embed(self, text: str) -> Embedded:
+        embedder = self.embedder
+        if embedder is None:
+            raise JobFailed("this job loaded no embedding model")
+        try:
+            tokens = await asyncio.to_thread(embedder.tokenize, text)
+            vectors = await asyncio.to_thread(embedder.embed, [tokens])
+        except InvalidRequest as exc:
+            raise RowFailed(exc.message) from None
+        return Embedded(vectors[0].tolist(), len(tokens))
 
     async def complete(
         self,
@@ -73,6 +100,8 @@ class EngineBackend:
         constraint: Constraint | None = None,
     ) -> Completion:
         engine = self.engine
+        if engine is None:
+            raise JobFailed("this job loaded no chat model")
         try:
             prompt = engine.tokenize_messages(messages)
         except InvalidRequest as exc:
@@ -167,16 +196,31 @@ class HttpBackend:
         }
         if constraint is not None:
             body.update(_constraint_fields(constraint))
+        return _completion(await self._post("/v1/chat/completions", body))
+
+    async def embed(self, text: str) -> Embedded:
+        body = {"model": self.model, "input": text, "encoding_format": "base64"}
+        response = await self._post("/v1/embeddings", body)
+        try:
+            data = response.json()
+            raw = base64.b64decode(data["data"][0]["embedding"], validate=True)
+            vector = np.frombuffer(raw, dtype="<f4").tolist()
+            return Embedded(vector, int(data["usage"]["prompt_tokens"]))
+        except (ValueError, KeyError, IndexError, TypeError) as exc:
+            raise RowFailed(f"the node's answer is not an embedding: {exc!r}") from None
+
+    async def _post(self, path: str, body: dict[str, Any]) -> httpx.Response:
+        """The 200 answer to POSTing `body`, retried while the node is busy or away."""
         last = ""
         for attempt in range(self.max_retries + 1):
             response = None
             try:
-                response = await self.client.post("/v1/chat/completions", json=body)
+                response = await self.client.post(path, json=body)
             except httpx.TransportError as exc:
                 last = f"{type(exc).__name__}: {exc}"
             else:
                 if response.status_code == 200:
-                    return _completion(response)
+                    return response
                 last = f"HTTP {response.status_code}: {_error_message(response)}"
                 if response.status_code not in self.RETRY_STATUS:
                     _raise_for(response, last)

@@ -233,7 +233,10 @@ def build_parser() -> argparse.ArgumentParser:
     batch.add_argument("input")
     batch.add_argument("output")
     batch.add_argument(
-        "--task", required=True, choices=["sentiment", "classify", "summarize", "template"]
+        "--task",
+        required=True,
+        choices=["sentiment", "classify", "summarize", "template", "embed"],
+        help="embed: each row's text as a vector (/v1/embeddings with --target)",
     )
     batch.add_argument("--labels", help="comma-separated labels (classify; sentiment's own)")
     batch.add_argument("--template", help="the prompt, {field} from the row; @FILE reads a file")
