@@ -17,7 +17,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import ApplianceError, Draining, EmptyPrompt, InvalidRequest, NotReady, PromptTooLong
-from .generation import DoneEvent, ErrorEvent, Event, Generation, GenerationParams, Job, TokenEvent
+from .generation import (
+    MAX_TOP_LOGPROBS,
+    DoneEvent,
+    ErrorEvent,
+    Event,
+    Generation,
+    GenerationParams,
+    Job,
+    TokenEvent,
+)
 from .grammar import Constraint
 from .grammar_worker import Grammar, GrammarPool
 from .llama import LlamaModel
@@ -273,6 +282,13 @@ class Engine:
                 f"max_tokens is {params.max_tokens}; this node allows at most "
                 f"{self.config.max_tokens_cap}",
                 param="max_tokens",
+            )
+        if params.max_tokens < 0:
+            raise InvalidRequest("max_tokens cannot be negative", param="max_tokens")
+        if params.logprobs is not None and not 0 <= params.logprobs <= MAX_TOP_LOGPROBS:
+            raise InvalidRequest(
+                f"logprobs is {params.logprobs}; at most {MAX_TOP_LOGPROBS} alternatives",
+                param="logprobs",
             )
         room = self.slot_context
         if len(prompt) >= room:

@@ -17,16 +17,42 @@ if TYPE_CHECKING:
     from .grammar_worker import Grammar
 
 
+# Most alternatives a token's logprobs may list (OpenAI's chat API allows 20).
+MAX_TOP_LOGPROBS = 20
+
+
 @dataclass(frozen=True)
 class GenerationParams:
-    max_tokens: int
+    max_tokens: int  # 0: read (and score) the prompt, generate nothing
     sampling: SamplingParams = field(default_factory=SamplingParams)
     stop: tuple[str, ...] = ()
+    # None: no log probabilities. k: each generated token's, with the k likeliest tokens at
+    # its position (0 to MAX_TOP_LOGPROBS); the model's own, before any sampler.
+    logprobs: int | None = None
+    # Also the prompt's tokens' logprobs (with `logprobs`' k), in one event before the answer:
+    # the whole prompt is evaluated, none of it taken from a cached prefix.
+    score_prompt: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Logprob:
+    """A token, its bytes and its log probability (log-softmax of the raw logits) where it
+    stands; `top`: the likeliest tokens there, best first (their own `top` empty)."""
+
+    token: int
+    piece: bytes
+    logprob: float | None  # None: a prompt's first token, which nothing before predicts
+    top: tuple[Logprob, ...] = ()
 
 
 @dataclass(frozen=True)
 class TokenEvent:
     text: str
+    choice: int = 0
+    # The logprobs of the tokens this text came from (asked for with `logprobs`); with
+    # `prompt`, those of the choice's prompt tokens (the text is then empty).
+    logprobs: tuple[Logprob, ...] = ()
+    prompt: bool = False
 
 
 @dataclass(frozen=True)
@@ -77,7 +103,8 @@ class Job:
 class Generation:
     """A submitted request: iterate its events; cancel it when the client goes away.
 
-    It remembers what passed (the text, the final event) for the request's log line.
+    It remembers what passed (the first choice's text, the final event) for the request's
+    log line.
     """
 
     def __init__(self, job: Job, cancel: Callable[[Job], None]) -> None:
@@ -97,7 +124,8 @@ class Generation:
         while self.outcome is None:
             event = await queue.get()
             if isinstance(event, TokenEvent):
-                self.text.append(event.text)
+                if event.choice == 0:
+                    self.text.append(event.text)
             elif event is not None:
                 self.outcome = event
             yield event

@@ -316,6 +316,41 @@ class LlamaModel:
         C.llama_sampler_accept(sampler, token)
         return token
 
+    def logprobs(
+        self, batch_index: int, token: int, top: int
+    ) -> tuple[float, list[tuple[int, float]]]:
+        """The log probability of `token` where `batch_index`'s logits predict it, and the
+        `top` likeliest tokens there with theirs, best first.
+
+        The model's own distribution: the log-softmax of the raw logits, before temperature,
+        penalties, grammar and the other samplers. One pass over the vocabulary; only the
+        tokens near the maximum are sorted (the alternatives are exact all the same).
+        """
+        scores = np.ctypeslib.as_array(
+            C.llama_get_logits_ith(self.ctx, batch_index), shape=(self.n_vocab,)
+        )
+        peak = float(scores.max())
+        total = float(np.exp(scores - peak).sum(dtype=np.float64))
+        norm = peak + float(np.log(total)) if total > 0 else peak
+
+        def value(logit: float) -> float:
+            lp = logit - norm
+            return lp if lp > -9999.0 else -9999.0  # also NaN: JSON has no -inf or NaN
+
+        best: list[tuple[int, float]] = []
+        if top > 0:
+            k = min(top, self.n_vocab)
+            window = 8.0
+            near = np.flatnonzero(scores >= peak - window)
+            while len(near) < k and window < 1e4:
+                window *= 4
+                near = np.flatnonzero(scores >= peak - window)
+            if len(near) < k:  # infinite or NaN logits: sort them all
+                near = np.arange(self.n_vocab)
+            ranked = near[np.argsort(-scores[near], kind="stable")[:k]]
+            best = [(int(t), value(float(scores[t]))) for t in ranked]
+        return value(float(scores[token])), best
+
     def _candidates(self, logits: Any) -> Any:
         """Every token with its logit, in an array reused from step to step."""
         if self._data is None:

@@ -6,6 +6,11 @@ slots still reading their prompt (at most `prefill_chunk` of them while others g
 long prompt never stalls the streams in flight). One `llama_decode`, then one sample per slot
 that asked for logits. A slot keeps its KV when its request ends; the next request that starts
 with the same tokens (a chat's next turn) takes that slot and evaluates only what is new.
+
+Log probabilities are computed only for requests that ask (`GenerationParams.logprobs`), from
+the logits of the step, on this thread. A request that scores its prompt asks llama.cpp for
+the logits of every prompt position, so it reads its whole prompt (no cached prefix), at most
+`SCORE_ROWS` positions a step.
 """
 
 from __future__ import annotations
@@ -21,11 +26,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import ApplianceError, InvalidRequest, QueueFull, Unavailable
-from .generation import DoneEvent, ErrorEvent, Event, Job, TokenEvent
+from .generation import DoneEvent, ErrorEvent, Event, Job, Logprob, TokenEvent
 from .llama import Batch, LlamaModel
 from .textstream import TextStream
 
 log = logging.getLogger("gguf_appliance.scheduler")
+
+# Prompt positions scored per step: each takes a row of n_vocab floats in llama.cpp's output
+# buffer (64 rows of a 49,152-token vocabulary: 12.6 MB), and a log-softmax here.
+SCORE_ROWS = 64
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -53,6 +62,12 @@ class Slot:
     batch_index: int = -1  # where this slot's logits are in the current batch
     unsent: list[str] = field(default_factory=list)  # text held for the next token event
     sent_at: float = 0.0
+    chars_out: int = 0  # characters of the answer released (sent or in `unsent`)
+    # Logprobs of generated tokens not yet sent, each with where its text begins (a character
+    # offset): sent with the text they made, dropped with a stop string.
+    unsent_logprobs: list[tuple[int, Logprob]] = field(default_factory=list)
+    prompt_logprobs: list[Logprob] = field(default_factory=list)  # scored so far
+    scoring: list[tuple[int, int]] = field(default_factory=list)  # (prompt position, batch index)
 
     @property
     def prefilling(self) -> bool:
@@ -229,7 +244,8 @@ class SlotScheduler:
             self._start(slot, job, now)
 
     def _start(self, slot: Slot, job: Job, now: float) -> None:
-        keep = common_prefix(slot.cache, job.prompt) if self.config.reuse_prefix else 0
+        reuse = self.config.reuse_prefix and not job.params.score_prompt
+        keep = common_prefix(slot.cache, job.prompt) if reuse else 0
         keep = min(keep, len(job.prompt) - 1)  # the last prompt token is evaluated for logits
         if not self.model.forget(slot.seq, keep):
             keep = 0
@@ -244,6 +260,12 @@ class SlotScheduler:
         slot.first_token_at = None
         slot.unsent.clear()
         slot.sent_at = 0.0
+        slot.chars_out = 0
+        slot.unsent_logprobs.clear()
+        slot.prompt_logprobs.clear()
+        if job.params.score_prompt:  # nothing before the first token predicts it
+            first = job.prompt[0]
+            slot.prompt_logprobs.append(Logprob(first, self.model.piece(first), None))
         self.cached_tokens_total += keep
 
     def _step(self, batch: Batch) -> None:
@@ -254,6 +276,7 @@ class SlotScheduler:
         for slot in self.slots:
             job = slot.job
             slot.batch_index = -1
+            slot.scoring.clear()
             if job is None:
                 continue
             if job.abort is not None:
@@ -269,19 +292,28 @@ class SlotScheduler:
         budget = model.n_batch - generating
         if generating:
             budget = min(budget, self.config.prefill_chunk)
+        score_budget = SCORE_ROWS
         prefilling = sorted((s for s in self.slots if s.prefilling), key=lambda s: s.started)
         for slot in prefilling:
             if budget <= 0:
                 break
             assert slot.job is not None
             prompt = slot.job.prompt
-            chunk = prompt[slot.prompt_done : slot.prompt_done + budget]
+            score = slot.job.params.score_prompt
+            size = min(budget, score_budget) if score else budget
+            if size <= 0:
+                continue
+            chunk = prompt[slot.prompt_done : slot.prompt_done + size]
             last = len(prompt) - 1
             for j, token in enumerate(chunk, start=slot.prompt_done):
-                index = batch.add(token, len(slot.cache), slot.seq, j == last)
+                index = batch.add(token, len(slot.cache), slot.seq, score or j == last)
                 slot.cache.append(token)
+                if score and j < last:  # these logits predict the prompt's next token
+                    slot.scoring.append((j + 1, index))
                 if j == last:
                     slot.batch_index = index
+            if score:
+                score_budget -= len(chunk)
             slot.prompt_done += len(chunk)
             self.prompt_tokens_total += len(chunk)
             budget -= len(chunk)
@@ -291,11 +323,18 @@ class SlotScheduler:
         if status != 0:
             raise RuntimeError(f"llama_decode returned {status}")
         for slot in self.slots:
+            if slot.scoring:
+                self._score_prompt(slot)
+        for slot in self.slots:
             job = slot.job
             if job is None or slot.batch_index < 0:
                 continue
+            if job.params.max_tokens == 0:  # the prompt was all it asked to read
+                self._finish(slot, "length", now)
+                continue
             if job.grammar is None:
-                self._accept(slot, model.sample(slot.sampler, slot.batch_index))
+                token = model.sample(slot.sampler, slot.batch_index)
+                self._accept(slot, token, self._logprob(slot, token))
                 continue
             try:
                 token = model.sample_constrained(
@@ -314,9 +353,34 @@ class SlotScheduler:
                     ),
                 )
                 continue
-            self._accept(slot, token)
+            self._accept(slot, token, self._logprob(slot, token))
 
-    def _accept(self, slot: Slot, token: int) -> None:
+    def _logprob(self, slot: Slot, token: int) -> Logprob | None:
+        """The sampled token's logprob and alternatives, if its request asks for them."""
+        assert slot.job is not None
+        k = slot.job.params.logprobs
+        return None if k is None else self._entry(slot.batch_index, token, k)
+
+    def _entry(self, index: int, token: int, k: int) -> Logprob:
+        model = self.model
+        value, top = model.logprobs(index, token, k)
+        alternatives = tuple(Logprob(t, model.piece(t), v) for t, v in top)
+        return Logprob(token, model.piece(token), value, alternatives)
+
+    def _score_prompt(self, slot: Slot) -> None:
+        """The logprobs of the prompt tokens this step's logits predict; all of them once the
+        prompt is read, in one event for the choice."""
+        job = slot.job
+        assert job is not None
+        k = job.params.logprobs or 0
+        for position, index in slot.scoring:
+            slot.prompt_logprobs.append(self._entry(index, job.prompt[position], k))
+        slot.scoring.clear()
+        if not slot.prefilling:
+            self._emit(job, TokenEvent("", logprobs=tuple(slot.prompt_logprobs), prompt=True))
+            slot.prompt_logprobs.clear()
+
+    def _accept(self, slot: Slot, token: int, logprob: Logprob | None = None) -> None:
         model = self.model
         job = slot.job
         assert job is not None and slot.text is not None
@@ -329,9 +393,12 @@ class SlotScheduler:
         slot.generated += 1
         self.completion_tokens_total += 1
         slot.last_token = token
+        if logprob is not None:
+            slot.unsent_logprobs.append((slot.text.position, logprob))
         text = slot.text.push(model.piece(token))
         if text:
             slot.unsent.append(text)
+            slot.chars_out += len(text)
             # The first text at once; later text at most every stream_interval, in one event.
             if now - slot.sent_at >= self.config.stream_interval:
                 self._send_text(slot, now)
@@ -347,7 +414,8 @@ class SlotScheduler:
             rest = slot.text.flush()
             if rest:
                 slot.unsent.append(rest)
-        self._send_text(slot, now)
+                slot.chars_out += len(rest)
+        self._send_text(slot, now, final=not slot.text.stopped)
         first = slot.first_token_at
         rate = None
         if first is not None and slot.generated > 1 and now > first:
@@ -365,9 +433,17 @@ class SlotScheduler:
         self._release(slot, now)  # before the event: whoever sees "done" sees the slot free
         self._done(job, done)
 
-    def _send_text(self, slot: Slot, now: float) -> None:
-        if slot.unsent and slot.job is not None:
-            self._emit(slot.job, TokenEvent("".join(slot.unsent)))
+    def _send_text(self, slot: Slot, now: float, final: bool = False) -> None:
+        """Send the text held, with the logprobs of the tokens whose text has begun in it
+        (`final`: all that are left; else those of a stop string's tokens stay, unsent)."""
+        logprobs: tuple[Logprob, ...] = ()
+        if slot.unsent_logprobs:
+            held = slot.unsent_logprobs
+            ready = len(held) if final else sum(1 for at, _ in held if at < slot.chars_out)
+            logprobs = tuple(entry for _, entry in held[:ready])
+            del held[:ready]
+        if (slot.unsent or logprobs) and slot.job is not None:
+            self._emit(slot.job, TokenEvent("".join(slot.unsent), logprobs=logprobs))
             slot.unsent.clear()
         slot.sent_at = now
 

@@ -17,12 +17,15 @@ class TextStream:
         self._stop = tuple(s for s in stop if s)
         self._pending = ""
         self.stopped = False
+        self.position = 0  # characters decoded so far, shown or held (where the next begins)
 
     def push(self, piece: bytes) -> str:
         """Add one token's bytes; return the text that may be shown now."""
         if self.stopped:
             return ""
-        self._pending += self._decoder.decode(piece)
+        decoded = self._decoder.decode(piece)
+        self.position += len(decoded)
+        self._pending += decoded
         return self._release()
 
     def flush(self) -> str:

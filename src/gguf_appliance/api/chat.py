@@ -7,9 +7,10 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from ..engine import TokenEvent
 from .endpoint import collect, read_body, start, stream
 from .models import check_model
-from .openai import chunks, finish_reason, header, usage
+from .openai import Choices, chat_logprobs, chunks, finish_reason, header, usage
 from .schemas import ChatCompletionRequest
 
 
@@ -22,29 +23,30 @@ async def chat_completions(request: Request) -> Response:
     )
     base = header(request, "chatcmpl-", "chat.completion.chunk")
     if body.stream:
-        first = True
+        started: set[int] = set()
 
-        def chunk(text: str | None, reason: str | None) -> dict[str, Any]:
-            nonlocal first
-            delta: dict[str, Any] = {} if text is None else {"content": text}
-            if first and text is not None:
+        def chunk(index: int, event: TokenEvent | None, reason: str | None) -> dict[str, Any]:
+            delta: dict[str, Any] = {} if event is None else {"content": event.text}
+            if index not in started and event is not None:
                 delta["role"] = "assistant"
-                first = False
-            return {"index": 0, "delta": delta, "finish_reason": reason}
+                started.add(index)
+            choice = {"index": index, "delta": delta, "finish_reason": reason}
+            if body.logprobs:
+                choice["logprobs"] = None if event is None else chat_logprobs(event.logprobs)
+            return choice
 
         return stream(request, generation, chunks(base, chunk, body.include_usage))
-    text, done = await collect(request, generation)
+    choices = Choices(1)
+    text, done = await collect(request, generation, on_token=choices.add)
+    message: dict[str, Any] = {"role": "assistant", "content": text}
+    reply: dict[str, Any] = {"index": 0, "message": message, "finish_reason": finish_reason(done)}
+    if body.logprobs:
+        reply["logprobs"] = chat_logprobs(choices.items[0].logprobs)
     return JSONResponse(
         {
             **base,
             "object": "chat.completion",
-            "choices": [
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": text},
-                    "finish_reason": finish_reason(done),
-                }
-            ],
+            "choices": [reply],
             "usage": usage(done),
         }
     )

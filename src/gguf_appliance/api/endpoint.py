@@ -135,14 +135,23 @@ async def start(
     return generation
 
 
-async def collect(request: Request, generation: Generation) -> tuple[str, DoneEvent]:
-    """Run a generation to its end for an unstreamed answer; cancel it if the client leaves."""
+async def collect(
+    request: Request,
+    generation: Generation,
+    on_token: Callable[[TokenEvent], None] | None = None,
+) -> tuple[str, DoneEvent]:
+    """Run a generation to its end for an unstreamed answer; cancel it if the client leaves.
+
+    The text is the first choice's; `on_token` sees every token event (every choice's)."""
     parts: list[str] = []
 
     async def consume() -> DoneEvent:
         async for event in generation.events():
             if isinstance(event, TokenEvent):
-                parts.append(event.text)
+                if event.choice == 0:
+                    parts.append(event.text)
+                if on_token is not None:
+                    on_token(event)
             elif isinstance(event, DoneEvent):
                 return event
             else:

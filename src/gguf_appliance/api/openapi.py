@@ -76,6 +76,31 @@ class Usage(_Response):
     prompt_tokens_details: PromptTokensDetails
 
 
+class TopLogprob(_Response):
+    token: str = Field(description="The token's text (a byte of a split character as \\xNN).")
+    logprob: float = Field(description="The model's own: log-softmax of its logits.")
+    bytes: list[int]
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob] = Field(description="The likeliest tokens there, best first.")
+
+
+class ChatLogprobs(_Response):
+    content: list[TokenLogprob]
+
+
+class CompletionLogprobs(_Response):
+    """OpenAI's legacy shape; with echo, the prompt's tokens first (the first has none)."""
+
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None] = Field(
+        description="The likeliest tokens at each position, and the chosen one."
+    )
+    text_offset: list[int] = Field(description="Characters before each token, from the prompt's.")
+
+
 class AssistantMessage(_Response):
     role: Literal["assistant"]
     content: str
@@ -85,6 +110,7 @@ class ChatChoice(_Response):
     index: int
     message: AssistantMessage
     finish_reason: Literal["stop", "length"]
+    logprobs: ChatLogprobs | None = Field(None, description="With `logprobs: true`.")
 
 
 class ChatCompletion(_Response):
@@ -99,7 +125,7 @@ class ChatCompletion(_Response):
 class CompletionChoice(_Response):
     index: int
     text: str
-    logprobs: None
+    logprobs: CompletionLogprobs | None
     finish_reason: Literal["stop", "length"]
 
 
@@ -166,6 +192,7 @@ class ChatChunkChoice(_Response):
     index: int
     delta: ChatDelta
     finish_reason: Literal["stop", "length"] | None
+    logprobs: ChatLogprobs | None = Field(None, description="This chunk's tokens'.")
 
 
 class ChatCompletionChunk(_Response):
@@ -180,7 +207,7 @@ class ChatCompletionChunk(_Response):
 class CompletionChoiceDelta(_Response):
     index: int
     text: str
-    logprobs: None
+    logprobs: CompletionLogprobs | None = Field(description="This chunk's tokens'.")
     finish_reason: Literal["stop", "length"] | None
 
 

@@ -7,10 +7,12 @@ Sampling defaults are the engine's (`llama.SamplingParams`).
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from ..errors import InvalidRequest
 from ..generation import GenerationParams
 from ..grammar import LIMITS, Constraint
 from ..llama import SamplingParams
@@ -111,7 +113,7 @@ class Sampling(BaseModel):
     def generation_params(self, default_max_tokens: int) -> GenerationParams:
         stop = [self.stop] if isinstance(self.stop, str) else self.stop or []
         return GenerationParams(
-            max_tokens=self.max_tokens or default_max_tokens,
+            max_tokens=default_max_tokens if self.max_tokens is None else self.max_tokens,
             sampling=SamplingParams(
                 temperature=self.temperature,
                 top_p=self.top_p,
@@ -168,7 +170,14 @@ class _OpenAIRequest(Sampling):
 class ChatCompletionRequest(_OpenAIRequest):
     messages: list[Message] = Field(min_length=1, max_length=1000)
     max_completion_tokens: int | None = Field(None, ge=1)
-    logprobs: Literal[False] | None = None
+    logprobs: bool | None = Field(
+        None,
+        description="Each answer token's log probability: the model's own (log-softmax of "
+        "its logits), before temperature and the other samplers.",
+    )
+    top_logprobs: int | None = Field(
+        None, ge=0, le=20, description="With logprobs: the likeliest tokens at each position."
+    )
 
     @model_validator(mode="after")
     def _max_tokens_alias(self) -> ChatCompletionRequest:
@@ -176,15 +185,43 @@ class ChatCompletionRequest(_OpenAIRequest):
             self.max_tokens = self.max_completion_tokens
         return self
 
+    def generation_params(self, default_max_tokens: int) -> GenerationParams:
+        params = super().generation_params(default_max_tokens)
+        if self.top_logprobs is not None and not self.logprobs:
+            raise InvalidRequest("top_logprobs needs logprobs: true", param="top_logprobs")
+        if self.logprobs:
+            params = replace(params, logprobs=self.top_logprobs or 0)
+        return params
+
 
 class CompletionRequest(_OpenAIRequest):
     prompt: (
         Annotated[str, Field(min_length=1)]
         | Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1, max_length=1)]
     ) = Field(description="The prompt; a list must hold exactly one string.")
-    echo: Literal[False] = False
-    logprobs: None = None
+    max_tokens: int | None = Field(
+        None, ge=0, description="Most tokens to generate; 0 (with echo) only scores the prompt."
+    )
+    echo: bool = Field(False, description="Answer the prompt followed by its completion.")
+    logprobs: int | None = Field(
+        None,
+        ge=0,
+        le=5,
+        description="Each token's log probability and those of the N likeliest tokens there: "
+        "the model's own (log-softmax of its logits), before temperature and the other "
+        "samplers. With echo, the prompt's tokens' too.",
+    )
     suffix: None = None
+
+    def generation_params(self, default_max_tokens: int) -> GenerationParams:
+        params = super().generation_params(default_max_tokens)
+        if self.max_tokens == 0 and not self.echo:
+            raise InvalidRequest("max_tokens may be 0 only with echo: true", param="max_tokens")
+        return replace(
+            params,
+            logprobs=self.logprobs,
+            score_prompt=self.echo and self.logprobs is not None,
+        )
 
     @property
     def prompt_text(self) -> str:
