@@ -1,4 +1,4 @@
-"""POST /v1/chat/completions: OpenAI's chat completion, streamed or whole."""
+"""POST /v1/chat/completions: OpenAI's chat completion, streamed or whole, with tool calls."""
 
 from __future__ import annotations
 
@@ -7,22 +7,28 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from ..engine import TokenEvent
-from .endpoint import collect, read_body, start, stream
+from ..chat_format import GenericAnswer, ToolCall, template_messages
+from ..engine import DoneEvent, Event, TokenEvent
+from .endpoint import collect, error_body, event_json, read_body, start, stream
 from .models import check_model
 from .openai import Choices, chat_logprobs, chunks, finish_reason, header, usage
 from .schemas import ChatCompletionRequest
+from .sse import frame
 
 
 async def chat_completions(request: Request) -> Response:
     body = await read_body(request, ChatCompletionRequest)
     check_model(request, body.model)
-    messages = [m.as_template_message() for m in body.messages]
+    use = body.tool_use()
+    tools_on = use is not None and bool(use.offered)
+    messages = template_messages([m.as_chat_message() for m in body.messages], use)
     generation = await start(
         request, body, lambda engine: engine.tokenize_messages(messages), prompt_field="messages"
     )
     base = header(request, "chatcmpl-", "chat.completion.chunk")
     if body.stream:
+        if tools_on:
+            return stream(request, generation, _tool_chunks(base, body.include_usage))
         started: set[int] = set()
 
         def chunk(index: int, event: TokenEvent | None, reason: str | None) -> dict[str, Any]:
@@ -39,7 +45,16 @@ async def chat_completions(request: Request) -> Response:
     choices = Choices(1)
     text, done = await collect(request, generation, on_token=choices.add)
     message: dict[str, Any] = {"role": "assistant", "content": text}
-    reply: dict[str, Any] = {"index": 0, "message": message, "finish_reason": finish_reason(done)}
+    reason = finish_reason(done)
+    if tools_on:
+        answer = GenericAnswer()
+        answer.feed(text)
+        content, calls = answer.result()
+        message = {"role": "assistant", "content": content}
+        if calls:
+            message["tool_calls"] = [_call(c) for c in calls]
+            reason = "tool_calls" if done.finish_reason == "stop" else reason
+    reply: dict[str, Any] = {"index": 0, "message": message, "finish_reason": reason}
     if body.logprobs:
         reply["logprobs"] = chat_logprobs(choices.items[0].logprobs)
     return JSONResponse(
@@ -50,3 +65,57 @@ async def chat_completions(request: Request) -> Response:
             "usage": usage(done),
         }
     )
+
+
+def _call(call: ToolCall) -> dict[str, Any]:
+    return {
+        "id": call.id,
+        "type": "function",
+        "function": {"name": call.name, "arguments": call.arguments},
+    }
+
+
+def _tool_chunks(base: dict[str, Any], include_usage: bool) -> Any:
+    """OpenAI's chunks for an answer read as the generic form: its text as `content` deltas,
+    each call as a delta with its id and name, then its arguments in pieces."""
+    answer = GenericAnswer()
+    started = False
+
+    def delta_frame(delta: dict[str, Any], reason: str | None = None) -> bytes:
+        choice = {"index": 0, "delta": delta, "finish_reason": reason}
+        return frame(event_json({**base, "choices": [choice]}))
+
+    def render(event: Event) -> bytes:
+        nonlocal started
+        if isinstance(event, TokenEvent):
+            text, deltas = answer.feed(event.text)
+            frames = []
+            if not started and (text or deltas):
+                frames.append(delta_frame({"role": "assistant", "content": None}))
+                started = True
+            if text:
+                frames.append(delta_frame({"content": text}))
+            for index, name, arguments in deltas:
+                part: dict[str, Any] = {"index": index, "function": {"arguments": arguments}}
+                if name is not None:
+                    part = {
+                        "index": index,
+                        "id": answer.ids[index],
+                        "type": "function",
+                        "function": {"name": name, "arguments": arguments},
+                    }
+                frames.append(delta_frame({"tool_calls": [part]}))
+            return b"".join(frames)
+        if isinstance(event, DoneEvent):
+            _, calls = answer.result()
+            reason = finish_reason(event)
+            if calls and event.finish_reason == "stop":
+                reason = "tool_calls"
+            frames = [delta_frame({}, reason)]
+            if include_usage:
+                frames.append(frame(event_json({**base, "choices": [], "usage": usage(event)})))
+            frames.append(frame("[DONE]"))
+            return b"".join(frames)
+        return frame(event_json(error_body(event.error)))
+
+    return render

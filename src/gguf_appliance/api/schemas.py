@@ -10,8 +10,9 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
+from ..chat_format import Tool, ToolCall, ToolUse, tool_constraint
 from ..errors import InvalidRequest
 from ..generation import GenerationParams
 from ..grammar import LIMITS, Constraint
@@ -167,8 +168,84 @@ class _OpenAIRequest(Sampling):
         return self.stream_options is not None and self.stream_options.include_usage
 
 
+FunctionName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+
+
+class ToolCallFunction(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: FunctionName
+    arguments: str = Field(max_length=LIMITS.max_chars, description="JSON text.")
+
+
+class ToolCallItem(BaseModel):
+    """A call an earlier assistant message made (as the client sends the conversation back)."""
+
+    model_config = ConfigDict(extra="ignore")
+    id: str = Field(max_length=128)
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
+
+
+class ChatMessage(Message):
+    """A chat message of the OpenAI API: also a tool's result, and an assistant's tool calls."""
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]  # type: ignore[assignment]
+    name: str | None = Field(None, max_length=64, description="Passed to the chat template.")
+    tool_calls: list[ToolCallItem] | None = Field(None, max_length=128)
+    tool_call_id: str | None = Field(None, max_length=128)
+
+    @model_validator(mode="after")
+    def _tool_fields(self) -> ChatMessage:
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("only an assistant message has 'tool_calls'")
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("a 'tool' message needs the 'tool_call_id' it answers")
+        return self
+
+    def as_chat_message(self) -> dict[str, Any]:
+        """The message for chat_format: text, and tool calls as chat_format.ToolCall."""
+        message: dict[str, Any] = dict(self.as_template_message())
+        if self.name is not None:
+            message["name"] = self.name
+        if self.tool_calls:
+            message["tool_calls"] = [
+                ToolCall(c.id, c.function.name, c.function.arguments) for c in self.tool_calls
+            ]
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
+        return message
+
+
+class FunctionDefinition(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: FunctionName
+    description: str | None = Field(None, max_length=10_000)
+    parameters: dict[str, Any] | None = Field(
+        None, description="A JSON schema; the arguments are held to it by a grammar."
+    )
+    strict: bool | None = Field(None, description="Always in force: arguments match the schema.")
+
+
+class ToolDefinition(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(BaseModel):
+    name: FunctionName
+
+
+class NamedToolChoice(BaseModel):
+    type: Literal["function"]
+    function: NamedFunction
+
+
 class ChatCompletionRequest(_OpenAIRequest):
-    messages: list[Message] = Field(min_length=1, max_length=1000)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=1000)
+    tools: list[ToolDefinition] | None = Field(None, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool | None = Field(
         None,
@@ -178,6 +255,45 @@ class ChatCompletionRequest(_OpenAIRequest):
     top_logprobs: int | None = Field(
         None, ge=0, le=20, description="With logprobs: the likeliest tokens at each position."
     )
+
+    @field_validator("tools")
+    @classmethod
+    def _tools_alone(
+        cls, tools: list[ToolDefinition] | None, info: ValidationInfo
+    ) -> list[ToolDefinition] | None:
+        names = [t.function.name for t in tools or ()]
+        if len(set(names)) < len(names):
+            raise ValueError("two tools have the same name")
+        fmt = info.data.get("response_format")
+        if names and (info.data.get("grammar") is not None or (fmt and fmt.type != "text")):
+            raise ValueError("send tools or a response_format/grammar, not both")
+        return tools
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _choice_offered(cls, choice: Any, info: ValidationInfo) -> Any:
+        names = [t.function.name for t in info.data.get("tools") or ()]
+        if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
+            raise ValueError("tool_choice names a function that is not in 'tools'")
+        if choice in ("auto", "required") and not names:
+            raise ValueError(f"tool_choice '{choice}' needs 'tools'")
+        return choice
+
+    def tool_use(self) -> ToolUse | None:
+        if not self.tools:
+            return None
+        chosen = self.tool_choice or "auto"
+        choice = chosen.function.name if isinstance(chosen, NamedToolChoice) else chosen
+        tools = tuple(
+            Tool(t.function.name, t.function.description, t.function.parameters) for t in self.tools
+        )
+        return ToolUse(tools, choice, self.parallel_tool_calls)
+
+    def constraint(self) -> Constraint | None:
+        use = self.tool_use()
+        if use is not None and use.offered:
+            return tool_constraint(use)
+        return super().constraint()
 
     @model_validator(mode="after")
     def _max_tokens_alias(self) -> ChatCompletionRequest:
