@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
@@ -15,7 +16,7 @@ import pytest
 from gguf_appliance.systemd import SystemdNotifier
 
 WATCHDOG_USEC = 100_000  # pings every 0.05 s
-# notify() sends blocking: a watchdog pinging an undrained socket fills its queue and blocks.
+# A guard: a notify() that blocked on a full queue would hang a test, not fail it.
 pytestmark = pytest.mark.timeout(10)
 
 
@@ -172,3 +173,50 @@ def test_a_socket_path_that_does_not_exist_logs_a_warning(
     (record,) = caplog.records
     assert record.levelno == logging.WARNING
     assert "cannot notify systemd" in record.getMessage()
+
+
+def fill(address: str) -> int:
+    """Send to `address` until its queue is full (the next send would block): how many it took.
+
+    A fresh socket for each datagram, as notify() uses, so that what fills is the receiver's queue
+    (net.unix.max_dgram_qlen), not one sender's buffer.
+    """
+    for sent in range(100_000):
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.setblocking(False)
+            try:
+                sock.sendto(b"filler", address)
+            except BlockingIOError:
+                return sent
+    raise AssertionError("the queue never filled")
+
+
+def test_a_full_queue_drops_the_message_at_once_and_warns_once(
+    systemd_socket: socket.socket, caplog: pytest.LogCaptureFixture
+) -> None:
+    # systemd stuck, or slower than the pings: its socket holds all the datagrams it will take.
+    notifier = SystemdNotifier()
+    assert notifier.address is not None
+    assert fill(notifier.address) > 0
+    with caplog.at_level(logging.WARNING, logger="gguf_appliance.systemd"):
+        started = time.monotonic()
+        notifier.notify("WATCHDOG=1")  # on the event loop: it must not wait for room
+        elapsed = time.monotonic() - started
+        for _ in range(20):  # a watchdog's later pings, still no room
+            notifier.notify("WATCHDOG=1")
+    assert elapsed < 0.2, elapsed
+    (record,) = caplog.records  # one warning, not one per ping
+    assert record.levelno == logging.WARNING
+    assert "cannot notify systemd: its socket's queue is full; dropped WATCHDOG=1" in (
+        record.getMessage()
+    )
+    # The pings were dropped, not queued behind the filler; once systemd reads, they arrive.
+    systemd_socket.setblocking(False)
+    drained = []
+    with contextlib.suppress(BlockingIOError):
+        while True:
+            drained.append(systemd_socket.recv(4096))
+    assert set(drained) == {b"filler"}
+    notifier.notify("WATCHDOG=1")
+    systemd_socket.settimeout(2)
+    assert systemd_socket.recv(4096) == b"WATCHDOG=1"

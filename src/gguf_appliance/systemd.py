@@ -1,7 +1,9 @@
 """systemd's notify protocol (sd_notify): READY=1, STATUS=..., WATCHDOG=1, STOPPING=1.
 
 A few lines over the NOTIFY_SOCKET datagram socket, so no library is needed. Outside systemd
-(no NOTIFY_SOCKET) every call does nothing.
+(no NOTIFY_SOCKET) every call does nothing. The sends never block: they come from the event loop,
+and a message systemd cannot take now (its socket's queue is full) is dropped with a warning, since
+a missed WATCHDOG=1 is better than a hung loop.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ class SystemdNotifier:
         pid = os.environ.get("WATCHDOG_PID", "")
         watched = usec.isdigit() and (not pid or pid == str(os.getpid()))
         self.watchdog_seconds = int(usec) / 1e6 if watched else None
+        # The failures warned of so far, by kind: each is logged once, not once per ping.
+        self._warned: set[tuple[type[OSError], int | None]] = set()
 
     @property
     def enabled(self) -> bool:
@@ -34,10 +38,19 @@ class SystemdNotifier:
         if self.address is None:
             return
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.setblocking(False)  # a full queue is BlockingIOError, not a wait on the loop
             try:
                 sock.sendto("\n".join(fields).encode(), self.address)
-            except OSError as exc:
-                log.warning("cannot notify systemd: %s", exc)
+            except OSError as exc:  # BlockingIOError included: the message is dropped
+                kind = (type(exc), exc.errno)
+                if kind not in self._warned:
+                    self._warned.add(kind)
+                    full = isinstance(exc, BlockingIOError)
+                    log.warning(
+                        "cannot notify systemd: %s; dropped %s (this failure is not logged again)",
+                        "its socket's queue is full" if full else exc,
+                        " ".join(fields),
+                    )
 
     async def watchdog(self, healthy: Callable[[], bool]) -> None:
         """Ping systemd's watchdog at half its interval while `healthy()` holds.
