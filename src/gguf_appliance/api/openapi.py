@@ -101,15 +101,27 @@ class CompletionLogprobs(_Response):
     text_offset: list[int] = Field(description="Characters before each token, from the prompt's.")
 
 
+class FunctionCall(_Response):
+    name: str
+    arguments: str = Field(description="JSON text matching the tool's parameters.")
+
+
+class ToolCallOut(_Response):
+    id: str
+    type: Literal["function"]
+    function: FunctionCall
+
+
 class AssistantMessage(_Response):
     role: Literal["assistant"]
-    content: str
+    content: str | None = Field(description="None when the answer is tool calls.")
+    tool_calls: list[ToolCallOut] | None = None
 
 
 class ChatChoice(_Response):
     index: int
     message: AssistantMessage
-    finish_reason: Literal["stop", "length"]
+    finish_reason: Literal["stop", "length", "tool_calls"]
     logprobs: ChatLogprobs | None = Field(None, description="With `logprobs: true`.")
 
 
@@ -118,7 +130,7 @@ class ChatCompletion(_Response):
     object: Literal["chat.completion"]
     created: int
     model: str
-    choices: list[ChatChoice] = Field(min_length=1, max_length=1)
+    choices: list[ChatChoice] = Field(min_length=1, description="`n` of them, by index.")
     usage: Usage
 
 
@@ -134,7 +146,7 @@ class Completion(_Response):
     object: Literal["text_completion"]
     created: int
     model: str
-    choices: list[CompletionChoice] = Field(min_length=1, max_length=1)
+    choices: list[CompletionChoice] = Field(min_length=1, description="`n` of them, by index.")
     usage: Usage
 
 
@@ -183,15 +195,28 @@ class ErrorData(_Response):
     status: int
 
 
+class FunctionCallDelta(_Response):
+    name: str | None = Field(None, description="In a call's first delta only.")
+    arguments: str = Field(description="The next piece of the arguments' JSON text.")
+
+
+class ToolCallDelta(_Response):
+    index: int
+    id: str | None = Field(None, description="In a call's first delta only.")
+    type: Literal["function"] | None = None
+    function: FunctionCallDelta
+
+
 class ChatDelta(_Response):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
 
 class ChatChunkChoice(_Response):
     index: int
     delta: ChatDelta
-    finish_reason: Literal["stop", "length"] | None
+    finish_reason: Literal["stop", "length", "tool_calls"] | None
     logprobs: ChatLogprobs | None = Field(None, description="This chunk's tokens'.")
 
 
@@ -264,13 +289,15 @@ def _component_schemas() -> dict[str, Any]:
 
 
 def _cap_max_tokens(schemas: dict[str, Any], settings: Settings) -> None:
-    """State the node's max_tokens_cap (a setting) on the fields it bounds."""
+    """State the node's max_tokens_cap and slots (settings) on the fields they bound."""
     for name in ("GenerateRequest", "ChatCompletionRequest", "CompletionRequest"):
         properties = schemas[name]["properties"]
         for field in ("max_tokens", "max_completion_tokens"):
             for option in properties.get(field, {}).get("anyOf", []):
                 if option.get("type") == "integer":
                     option["maximum"] = settings.max_tokens_cap
+        if "n" in properties:
+            properties["n"]["maximum"] = settings.n_slots
 
 
 def _json(schema: str) -> dict[str, Any]:
