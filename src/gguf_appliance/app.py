@@ -21,6 +21,7 @@ from .api import chat, completions, embeddings, models, node, page
 from .api.access_log import AccessLogMiddleware
 from .api.auth import AuthMiddleware
 from .api.endpoint import on_appliance_error, on_http_error
+from .api.messages import messages as anthropic_messages
 from .api.security_headers import SecurityHeadersMiddleware
 from .downloads import redact_source
 from .embeddings import EmbeddingService
@@ -119,6 +120,7 @@ def create_app(settings: Settings) -> Starlette:
         Route("/v1/chat/completions", chat.chat_completions, methods=["POST"]),
         Route("/v1/completions", completions.completions, methods=["POST"]),
         Route("/v1/embeddings", embeddings.embeddings, methods=["POST"]),
+        Route("/v1/messages", anthropic_messages, methods=["POST"]),
         Route("/v1/models", models.models, methods=["GET"]),
         Route("/health/live", node.live, methods=["GET"]),
         Route("/health/ready", node.ready, methods=["GET"]),

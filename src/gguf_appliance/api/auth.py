@@ -11,6 +11,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from ..errors import ApplianceError, MisdirectedRequest, Unauthorized
 from ..keys import ApiKeys
 from ..settings import Settings
+from . import messages
 from .endpoint import error_response
 
 
@@ -66,12 +67,21 @@ class AuthMiddleware:
                 param="Host",
             )
         elif self.key_required(scope["path"]):
-            authorization = dict(scope["headers"]).get(b"authorization", b"")
-            if not self.keys.authorized(authorization):
-                error = Unauthorized("a valid API key is required: Authorization: Bearer KEY")
+            headers = dict(scope["headers"])
+            authorized = self.keys.authorized(headers.get(b"authorization", b""))
+            anthropic_key = headers.get(b"x-api-key")  # what Anthropic's clients send
+            if not authorized and anthropic_key is not None and scope["path"] == messages.PATH:
+                authorized = self.keys.authorized(b"Bearer " + anthropic_key)
+            if not authorized:
+                how = "Authorization: Bearer KEY"
+                if scope["path"] == messages.PATH:
+                    how += " or x-api-key: KEY"
+                error = Unauthorized(f"a valid API key is required: {how}")
         if error is None:
             await self.app(scope, receive, send)
             return
         state: dict[str, Any] = scope.setdefault("state", {})
         state["error"] = error.code  # for the request's log line
-        await error_response(error)(scope, receive, send)
+        # /v1/messages answers every error in Anthropic's shape, for its clients' classes.
+        shaped = messages.error_response if scope["path"] == messages.PATH else error_response
+        await shaped(error)(scope, receive, send)
