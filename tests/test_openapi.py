@@ -14,6 +14,7 @@ from typing import Any
 import httpx
 
 from gguf_appliance.api import openapi
+from gguf_appliance.api.anthropic_schemas import AnthropicErrorBody
 
 from .conftest import RunningServer
 
@@ -79,7 +80,8 @@ def test_schemathesis_finds_no_5xx_and_no_response_off_the_document(
     assert generated, result.stdout[-3000:]
     assert int(generated[1]) == int(generated[2]) >= 300
     # The fuzzing reached the model on every generation route, not only the validators.
-    for route in ("/generate", "/v1/chat/completions", "/v1/completions", "/v1/embeddings"):
+    routes = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/messages")
+    for route in ("/generate", *routes):
         for status in (200, 400):
             sample = f'gguf_appliance_requests_total{{route="{route}",status="{status}"}}'
             assert node.metric(sample, default=0) > 0, sample
@@ -94,7 +96,9 @@ def test_the_document_names_every_route_and_the_errors_they_return(server: Runni
         "/v1/chat/completions",
         "/v1/completions",
         "/v1/embeddings",
+        "/v1/messages",
         "/v1/models",
+        "/v1/responses",
         "/health/live",
         "/health/ready",
         "/metrics",
@@ -126,12 +130,14 @@ def test_protected_operations_answer_401_as_documented(start_server: Any) -> Non
         ("/v1/chat/completions", "post"),
         ("/v1/completions", "post"),
         ("/v1/embeddings", "post"),
+        ("/v1/messages", "post"),
         ("/v1/models", "get"),
     ]
     for path, method in protected:
         response = httpx.request(method, node.url(path), json={})
         assert response.status_code == 401
-        openapi.ErrorBody.model_validate(response.json(), strict=True)
+        shape = AnthropicErrorBody if path == "/v1/messages" else openapi.ErrorBody
+        shape.model_validate(response.json(), strict=True)
         assert "WWW-Authenticate" in document["paths"][path][method]["responses"]["401"]["headers"]
         assert response.headers["www-authenticate"].startswith("Bearer")
 

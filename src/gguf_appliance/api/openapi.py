@@ -15,6 +15,7 @@ from pydantic.json_schema import models_json_schema
 
 from .. import __version__
 from ..settings import Settings
+from .anthropic_schemas import STREAM_EVENTS, AnthropicMessage, MessagesRequest
 from .embeddings import EmbeddingRequest
 from .schemas import ChatCompletionRequest, CompletionRequest, GenerateRequest
 
@@ -251,6 +252,7 @@ _REQUESTS: list[type[BaseModel]] = [
     GenerateRequest,
     ChatCompletionRequest,
     CompletionRequest,
+    MessagesRequest,
     EmbeddingRequest,
 ]
 _RESPONSES: list[type[BaseModel]] = [
@@ -267,6 +269,8 @@ _RESPONSES: list[type[BaseModel]] = [
     ChatCompletionChunk,
     CompletionChunk,
     EmbeddingList,
+    *STREAM_EVENTS.values(),  # /v1/messages' events; also its errors
+    AnthropicMessage,
 ]
 
 _GENERATE_STREAM = """\
@@ -414,10 +418,46 @@ def _operation(
     return operation
 
 
+def _messages_operation(settings: Settings, keys: bool) -> dict[str, Any]:
+    """POST /v1/messages: Anthropic's Messages API, every error in Anthropic's shape."""
+    events = {name: model.__name__ for name, model in STREAM_EVENTS.items()}
+    stream = "With `stream: true`: Anthropic's server-sent events, each `event: TYPE` with JSON "
+    stream += "data of that `type`: message_start, then per content block content_block_start, "
+    stream += "content_block_delta (text_delta or input_json_delta), content_block_stop; then "
+    stream += "message_delta and message_stop, or an `error` event. Keep-alive: `: ping` lines."
+    content = {**_json("AnthropicMessage"), **_event_stream(events, done_marker=False)}
+    responses = {
+        "200": {"description": stream, "content": content},
+        "404": _error("A model name that is another model's .gguf file."),
+        **_generation_errors(settings),
+    }
+    responses["400"]["description"] = (
+        "Malformed JSON, a field not named here, one the node cannot honour (thinking, an "
+        "image, document or thinking block, a server tool, a last assistant turn to continue), "
+        "a value out of range, max_tokens above the node's cap, or a prompt too long; the "
+        "message starts with the field at fault."
+    )
+    operation = _operation(
+        "Anthropic-compatible messages",
+        responses,
+        protected=True,
+        body="MessagesRequest",
+        keys=keys,
+    )
+    for response in operation["responses"].values():
+        if response.get("content") == _json("ErrorBody"):
+            response["content"] = _json("AnthropicErrorBody")
+    if keys:
+        operation["security"] = [{"bearer": []}, {"x_api_key": []}]
+        operation["responses"]["401"]["description"] = "No valid key (Bearer or x-api-key)."
+    return operation
+
+
 def openapi_document(settings: Settings, keys_required: bool) -> dict[str, Any]:
     """The document for a node with these settings (its caps; whether keys are required)."""
     schemas = _component_schemas()
     _cap_max_tokens(schemas, settings)
+    schemas["MessagesRequest"]["properties"]["max_tokens"]["maximum"] = settings.max_tokens_cap
     generate_ok = _event_stream(
         {"token": "TokenData", "done": "DoneData", "error": "ErrorData"}, done_marker=False
     )
@@ -486,6 +526,7 @@ def openapi_document(settings: Settings, keys_required: bool) -> dict[str, Any]:
                 keys=keys_required,
             )
         },
+        "/v1/messages": {"post": _messages_operation(settings, keys_required)},
         "/v1/models": {
             "get": _operation(
                 "The served model",
@@ -546,6 +587,11 @@ def openapi_document(settings: Settings, keys_required: bool) -> dict[str, Any]:
     components: dict[str, Any] = {"schemas": schemas}
     if keys_required:
         components["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+        components["securitySchemes"]["x_api_key"] = {  # /v1/messages only
+            "type": "apiKey",
+            "in": "header",
+            "name": "x-api-key",
+        }
     return {
         "openapi": "3.1.0",
         "info": {
