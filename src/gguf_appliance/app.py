@@ -17,7 +17,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.routing import Route
 from starlette.staticfiles import StaticFiles
 
-from .api import chat, completions, embeddings, models, node, page
+from .api import chat, completions, embeddings, models, node, page, responses
 from .api.access_log import AccessLogMiddleware
 from .api.auth import AuthMiddleware
 from .api.endpoint import on_appliance_error, on_http_error
@@ -122,6 +122,7 @@ def create_app(settings: Settings) -> Starlette:
         Route("/v1/embeddings", embeddings.embeddings, methods=["POST"]),
         Route("/v1/messages", anthropic_messages, methods=["POST"]),
         Route("/v1/models", models.models, methods=["GET"]),
+        Route("/v1/responses", responses.responses, methods=["POST"]),
         Route("/health/live", node.live, methods=["GET"]),
         Route("/health/ready", node.ready, methods=["GET"]),
         Route("/metrics", node.metrics, methods=["GET"]),

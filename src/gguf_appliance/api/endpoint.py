@@ -108,10 +108,12 @@ async def start(
     tokenize: Callable[[Engine], list[int]],
     *,
     prompt_field: str,
+    max_tokens_field: str = "max_tokens",
 ) -> Generation:
     """Tokenize and build the grammar (both off the event loop), then submit on the app's
     engine with the body's parameters. Raises ApplianceError before any response; errors
-    about the prompt name `prompt_field`, the body's field that holds it."""
+    about the prompt name `prompt_field`, the body's field that holds it, and those about
+    the answer's length `max_tokens_field`."""
     engine: Engine = request.app.state.engine
     settings: Settings = request.app.state.settings
     params = _generation_params(request, body)
@@ -130,6 +132,10 @@ async def start(
         )
     except (PromptTooLong, EmptyPrompt) as exc:
         exc.param = prompt_field
+        raise
+    except InvalidRequest as exc:
+        if exc.param == "max_tokens":
+            exc.param = max_tokens_field
         raise
     request.state.generation = generation  # for the request's log line
     return generation

@@ -17,6 +17,7 @@ from .. import __version__
 from ..settings import Settings
 from .anthropic_schemas import STREAM_EVENTS, AnthropicMessage, MessagesRequest
 from .embeddings import EmbeddingRequest
+from .responses import ResponsesRequest
 from .schemas import ChatCompletionRequest, CompletionRequest, GenerateRequest
 
 REF = "#/components/schemas/{model}"
@@ -254,6 +255,7 @@ _REQUESTS: list[type[BaseModel]] = [
     CompletionRequest,
     MessagesRequest,
     EmbeddingRequest,
+    ResponsesRequest,
 ]
 _RESPONSES: list[type[BaseModel]] = [
     ErrorBody,
@@ -294,14 +296,72 @@ def _component_schemas() -> dict[str, Any]:
 
 def _cap_max_tokens(schemas: dict[str, Any], settings: Settings) -> None:
     """State the node's max_tokens_cap and slots (settings) on the fields they bound."""
-    for name in ("GenerateRequest", "ChatCompletionRequest", "CompletionRequest"):
+    for name in (
+        "GenerateRequest",
+        "ChatCompletionRequest",
+        "CompletionRequest",
+        "ResponsesRequest",
+    ):
         properties = schemas[name]["properties"]
-        for field in ("max_tokens", "max_completion_tokens"):
+        for field in ("max_tokens", "max_completion_tokens", "max_output_tokens"):
             for option in properties.get(field, {}).get("anyOf", []):
                 if option.get("type") == "integer":
                     option["maximum"] = settings.max_tokens_cap
         if "n" in properties:
             properties["n"]["maximum"] = settings.n_slots
+
+
+class ResponsesStreamEvent(BaseModel):
+    """Any event of a streamed /v1/responses: its `type` is the SSE event's name."""
+
+    model_config = ConfigDict(extra="allow")
+    type: str
+    sequence_number: int = Field(ge=0)
+
+
+RESPONSES_STREAM_EVENTS: dict[str, type[BaseModel]] = {
+    kind: ResponsesStreamEvent
+    for kind in (
+        "response.created",
+        "response.in_progress",
+        "response.output_item.added",
+        "response.content_part.added",
+        "response.output_text.delta",
+        "response.output_text.done",
+        "response.content_part.done",
+        "response.function_call_arguments.delta",
+        "response.function_call_arguments.done",
+        "response.output_item.done",
+        "response.completed",
+        "response.incomplete",
+        "error",
+    )
+}
+
+# The Responses API's response object, as far as the node fills it in.
+_RESPONSE_OBJECT: dict[str, Any] = {
+    "type": "object",
+    "required": ["id", "object", "created_at", "status", "model", "output", "usage"],
+    "properties": {
+        "id": {"type": "string"},
+        "object": {"const": "response"},
+        "created_at": {"type": "integer"},
+        "status": {"enum": ["completed", "incomplete"]},
+        "model": {"type": "string"},
+        "output": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["type", "id", "status"],
+                "properties": {"type": {"enum": ["message", "function_call"]}},
+            },
+        },
+        "usage": {
+            "type": "object",
+            "required": ["input_tokens", "output_tokens", "total_tokens"],
+        },
+    },
+}
 
 
 def _json(schema: str) -> dict[str, Any]:
@@ -506,6 +566,27 @@ def openapi_document(settings: Settings, keys_required: bool) -> dict[str, Any]:
                 },
                 protected=True,
                 body="CompletionRequest",
+                keys=keys_required,
+            )
+        },
+        "/v1/responses": {
+            "post": _operation(
+                "OpenAI-compatible Responses API (stateless)",
+                {
+                    "200": {
+                        "description": "A response object, or with `stream: true` its "
+                        "events (`response.created` ... `response.completed`), each "
+                        "`event: TYPE` with JSON data of that `type`.",
+                        "content": {
+                            "application/json": {"schema": _RESPONSE_OBJECT},
+                            "text/event-stream": {"schema": {"type": "object"}},
+                        },
+                    },
+                    "404": not_found,
+                    **_generation_errors(settings),
+                },
+                protected=True,
+                body="ResponsesRequest",
                 keys=keys_required,
             )
         },
