@@ -112,9 +112,10 @@ def test_invalid_parameters_raise_bad_request_in_openai_shape(client: openai.Ope
     assert body["type"] == "invalid_request_error"
 
 
-def test_more_than_one_choice_is_refused(client: openai.OpenAI) -> None:
-    with pytest.raises(openai.BadRequestError, match="n"):
-        client.chat.completions.create(model="any", messages=HELLO, n=2)  # type: ignore[arg-type]
+def test_more_choices_than_slots_are_refused(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError) as caught:  # the shared node has 8 slots
+        client.chat.completions.create(model="any", messages=HELLO, n=9)  # type: ignore[arg-type]
+    assert isinstance(caught.value.body, dict) and caught.value.body["param"] == "n"
 
 
 def test_prompt_too_long_raises_bad_request(client: openai.OpenAI) -> None:

@@ -277,6 +277,26 @@ class Engine:
             raise Draining("the node is shutting down; retry on another node")
         if not prompt:
             raise EmptyPrompt("the prompt is empty")
+        self.check_params(params)
+        room = self.slot_context
+        if len(prompt) >= room:
+            raise PromptTooLong(
+                f"the prompt has {len(prompt)} tokens; the context holds {room} tokens per "
+                f"request, and at least one must be left for the answer"
+            )
+        job = Job(
+            id=next(self._ids),
+            prompts=[prompt],
+            params=params,
+            deadline=time.monotonic() + timeout,
+            loop=asyncio.get_running_loop(),
+            grammar=grammar,
+        )
+        scheduler.enqueue(job)
+        return Generation(job, scheduler.cancel)
+
+    def check_params(self, params: GenerationParams) -> None:
+        """Raise InvalidRequest for parameters this node cannot serve (before any work)."""
         if params.max_tokens > self.config.max_tokens_cap:
             raise InvalidRequest(
                 f"max_tokens is {params.max_tokens}; this node allows at most "
@@ -290,22 +310,17 @@ class Engine:
                 f"logprobs is {params.logprobs}; at most {MAX_TOP_LOGPROBS} alternatives",
                 param="logprobs",
             )
-        room = self.slot_context
-        if len(prompt) >= room:
-            raise PromptTooLong(
-                f"the prompt has {len(prompt)} tokens; the context holds {room} tokens per "
-                f"request, and at least one must be left for the answer"
+        slots = self.config.n_slots
+        if not 1 <= params.n <= slots:
+            raise InvalidRequest(
+                f"n is {params.n}; this node makes 1 to {slots} choices a request (its slots)",
+                param="n",
             )
-        job = Job(
-            id=next(self._ids),
-            prompt=prompt,
-            params=params,
-            deadline=time.monotonic() + timeout,
-            loop=asyncio.get_running_loop(),
-            grammar=grammar,
-        )
-        scheduler.enqueue(job)
-        return Generation(job, scheduler.cancel)
+        if params.n > 1 and params.sampling.grammar is not None:
+            raise InvalidRequest(
+                "a request with a grammar (grammar, response_format or tools) takes n: 1",
+                param="n",
+            )
 
     def abort_all(self, error: ApplianceError) -> None:
         """End every queued and running request with `error` (the drain's last resort)."""

@@ -32,6 +32,9 @@ class GenerationParams:
     # Also the prompt's tokens' logprobs (with `logprobs`' k), in one event before the answer:
     # the whole prompt is evaluated, none of it taken from a cached prefix.
     score_prompt: bool = False
+    # Choices of each prompt: the prompt is read once, then each samples on its own (choice i
+    # with seed + i when a seed is set). A request's choices start together, one slot each.
+    n: int = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,7 +60,9 @@ class TokenEvent:
 
 @dataclass(frozen=True)
 class DoneEvent:
-    finish_reason: str  # stop | length | cancelled | timeout
+    """The end of a request: its tally, summed over its choices."""
+
+    finish_reason: str  # stop | length | cancelled | timeout: of all choices, the last named
     prompt_tokens: int
     cached_tokens: int  # prompt tokens whose KV was reused, not evaluated again
     completion_tokens: int
@@ -65,6 +70,7 @@ class DoneEvent:
     time_to_first_token: float | None
     tokens_per_second: float | None
     duration: float
+    choice_reasons: tuple[str, ...] = ()  # each choice's finish reason, by its index
 
 
 @dataclass(frozen=True)
@@ -80,7 +86,7 @@ class Job:
     """A tokenized request. The scheduler thread writes its events; the event loop reads them."""
 
     id: int
-    prompt: list[int]
+    prompts: list[list[int]]  # each read once, with params.n choices
     params: GenerationParams
     deadline: float
     loop: asyncio.AbstractEventLoop
@@ -89,6 +95,23 @@ class Job:
     cancelled: bool = False
     abort: ApplianceError | None = None  # set with `cancelled` when the node ends the job
     grammar: Grammar | None = None  # loaded at submit; closed by the scheduler
+    # The scheduler thread's tally of the choices while they run.
+    reasons: list[str] = field(default_factory=list)  # by choice; "" while it runs
+    running: int = 0
+    generated: int = 0
+    cached: int = 0
+    rated: int = 0  # tokens after each choice's first: the decode rate's numerator
+    started: float = 0.0
+    first_token_at: float | None = None
+    failed: bool = False  # an error event went out: no done event
+
+    @property
+    def choices(self) -> int:
+        return len(self.prompts) * self.params.n
+
+    @property
+    def prompt_tokens(self) -> int:
+        return sum(map(len, self.prompts))
 
     def free_grammar(self) -> None:
         if self.grammar is not None:
@@ -97,7 +120,8 @@ class Job:
 
     def ended_in_queue(self, reason: str, now: float) -> DoneEvent:
         waited = now - self.submitted
-        return DoneEvent(reason, len(self.prompt), 0, 0, waited, None, None, waited)
+        reasons = (reason,) * self.choices
+        return DoneEvent(reason, self.prompt_tokens, 0, 0, waited, None, None, waited, reasons)
 
 
 class Generation:

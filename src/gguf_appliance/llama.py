@@ -375,6 +375,10 @@ class LlamaModel:
         """Drop the sequence's KV from position `start` on; False if the model cannot."""
         return bool(C.llama_memory_seq_rm(self.memory, seq, start, -1))
 
+    def copy_sequence(self, source: int, target: int) -> None:
+        """Give `target` a copy of `source`'s KV (the whole range; done at the next decode)."""
+        C.llama_memory_seq_cp(self.memory, source, target, -1, -1)
+
     def decode(self, batch: Batch) -> int:
         return int(C.llama_decode(self.ctx, batch.raw))
 

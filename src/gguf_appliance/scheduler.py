@@ -7,6 +7,13 @@ long prompt never stalls the streams in flight). One `llama_decode`, then one sa
 that asked for logits. A slot keeps its KV when its request ends; the next request that starts
 with the same tokens (a chat's next turn) takes that slot and evaluates only what is new.
 
+A request of several choices (`GenerationParams.n`, and several prompts) takes one slot per
+choice, all at once: it waits at the head of the queue until that many are free (FIFO: later
+requests wait behind it, so it is never starved). Each prompt is read once, by its first
+choice's slot; the step that reads its last token copies its KV to its sibling choices' slots
+(`llama_memory_seq_cp`) and every choice samples its first token from those logits, then goes
+its own way.
+
 Log probabilities are computed only for requests that ask (`GenerationParams.logprobs`), from
 the logits of the step, on this thread. A request that scores its prompt asks llama.cpp for
 the logits of every prompt position, so it reads its whole prompt (no cached prefix), at most
@@ -22,7 +29,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from .errors import ApplianceError, InvalidRequest, QueueFull, Unavailable
@@ -51,6 +58,10 @@ class Slot:
     cache: list[int] = field(default_factory=list)  # the tokens in this sequence's KV range
     last_used: float = 0.0
     job: Job | None = None
+    choice: int = 0  # the job's choice this slot makes
+    prompt: list[int] = field(default_factory=list)  # that choice's prompt
+    leader: Slot | None = None  # the slot reading the prompt for this one, until it is read
+    followers: list[Slot] = field(default_factory=list)  # the slots this one reads it for
     sampler: Any = None
     text: TextStream | None = None
     prompt_done: int = 0  # prompt tokens in the KV cache (reused or evaluated)
@@ -71,7 +82,7 @@ class Slot:
 
     @property
     def prefilling(self) -> bool:
-        return self.job is not None and self.prompt_done < len(self.job.prompt)
+        return self.job is not None and self.prompt_done < len(self.prompt)
 
 
 @dataclass(frozen=True)
@@ -144,9 +155,17 @@ class SlotScheduler:
         return sum(1 for s in self.slots if s.job is not None)
 
     def enqueue(self, job: Job) -> None:
+        """Queue a job of at most n_slots choices, unless more than `queue_size` jobs would
+        then wait for their slots (those the free slots cannot start now, in FIFO order)."""
         with self._cond:
             free = sum(1 for s in self.slots if s.job is None)
-            if len(self._waiting) - free >= self.config.queue_size:
+            waiting = 0
+            for queued in [*self._waiting, job]:
+                if not waiting and queued.choices <= free:
+                    free -= queued.choices
+                else:
+                    waiting += 1
+            if waiting > self.config.queue_size:
                 raise QueueFull(
                     "the node is busy: every slot is taken and the queue is full",
                     retry_after=self.config.retry_after,
@@ -234,25 +253,54 @@ class SlotScheduler:
                     job, job.ended_in_queue("cancelled" if job.cancelled else "timeout", now)
                 )
         while self._waiting:
+            job = self._waiting[0]
             free = [s for s in self.slots if s.job is None]
-            if not free:
+            if len(free) < job.choices:  # all its choices start together: it waits, FIFO
                 return
-            job = self._waiting.popleft()
-            # The free slot whose cache shares the longest start with the prompt; else the one
-            # unused the longest, so a recent conversation's cache survives the longest.
-            slot = max(free, key=lambda s: (common_prefix(s.cache, job.prompt), -s.last_used))
-            self._start(slot, job, now)
+            self._waiting.popleft()
+            job.reasons = [""] * job.choices
+            job.running = job.choices
+            job.started = now
+            choice = 0
+            for prompt in job.prompts:
+                # The free slot whose cache shares the longest start with the prompt; else the
+                # one unused the longest, so a recent conversation's cache survives the longest.
+                leader = max(free, key=lambda s: (common_prefix(s.cache, prompt), -s.last_used))
+                free.remove(leader)
+                self._start(leader, job, prompt, choice, now)
+                for i in range(1, job.params.n):  # its siblings: the least recently used
+                    sibling = min(free, key=lambda s: s.last_used)
+                    free.remove(sibling)
+                    self._start(sibling, job, prompt, choice + i, now, leader=leader, offset=i)
+                    leader.followers.append(sibling)
+                choice += job.params.n
 
-    def _start(self, slot: Slot, job: Job, now: float) -> None:
-        reuse = self.config.reuse_prefix and not job.params.score_prompt
-        keep = common_prefix(slot.cache, job.prompt) if reuse else 0
-        keep = min(keep, len(job.prompt) - 1)  # the last prompt token is evaluated for logits
+    def _start(
+        self,
+        slot: Slot,
+        job: Job,
+        prompt: list[int],
+        choice: int,
+        now: float,
+        leader: Slot | None = None,
+        offset: int = 0,
+    ) -> None:
+        reuse = self.config.reuse_prefix and not job.params.score_prompt and leader is None
+        keep = common_prefix(slot.cache, prompt) if reuse else 0
+        keep = min(keep, len(prompt) - 1)  # the last prompt token is evaluated for logits
         if not self.model.forget(slot.seq, keep):
             keep = 0
             self.model.forget(slot.seq, 0)
         del slot.cache[keep:]
         slot.job = job
-        slot.sampler = self.model.new_sampler(job.params.sampling)
+        slot.choice = choice
+        slot.prompt = prompt
+        slot.leader = leader
+        slot.followers.clear()
+        sampling = job.params.sampling
+        if offset and sampling.seed is not None:
+            sampling = replace(sampling, seed=sampling.seed + offset)
+        slot.sampler = self.model.new_sampler(sampling)
         slot.text = TextStream(job.params.stop)
         slot.prompt_done = slot.cached = keep
         slot.generated = 0
@@ -263,9 +311,10 @@ class SlotScheduler:
         slot.chars_out = 0
         slot.unsent_logprobs.clear()
         slot.prompt_logprobs.clear()
-        if job.params.score_prompt:  # nothing before the first token predicts it
-            first = job.prompt[0]
+        if job.params.score_prompt and leader is None:  # nothing before it predicts it
+            first = prompt[0]
             slot.prompt_logprobs.append(Logprob(first, self.model.piece(first), None))
+        job.cached += keep
         self.cached_tokens_total += keep
 
     def _step(self, batch: Batch) -> None:
@@ -298,7 +347,9 @@ class SlotScheduler:
             if budget <= 0:
                 break
             assert slot.job is not None
-            prompt = slot.job.prompt
+            if slot.leader is not None:  # its leader reads the prompt
+                continue
+            prompt = slot.prompt
             score = slot.job.params.score_prompt
             size = min(budget, score_budget) if score else budget
             if size <= 0:
@@ -312,6 +363,8 @@ class SlotScheduler:
                     slot.scoring.append((j + 1, index))
                 if j == last:
                     slot.batch_index = index
+                    for follower in slot.followers:  # their first token: from these logits
+                        follower.batch_index = index
             if score:
                 score_budget -= len(chunk)
             slot.prompt_done += len(chunk)
@@ -323,14 +376,21 @@ class SlotScheduler:
         if status != 0:
             raise RuntimeError(f"llama_decode returned {status}")
         for slot in self.slots:
-            if slot.scoring:
+            leader = slot.leader
+            if leader is not None and slot.batch_index >= 0:  # its prompt is read: copy it
+                model.copy_sequence(leader.seq, slot.seq)
+                slot.cache[:] = leader.cache
+                slot.prompt_done = len(slot.prompt)
+                slot.leader = None
+        for slot in self.slots:
+            if slot.prompt_logprobs and (slot.scoring or not slot.prefilling):
                 self._score_prompt(slot)
         for slot in self.slots:
             job = slot.job
             if job is None or slot.batch_index < 0:
                 continue
             if job.params.max_tokens == 0:  # the prompt was all it asked to read
-                self._finish(slot, "length", now)
+                self._finish(slot, "length", time.monotonic())
                 continue
             if job.grammar is None:
                 token = model.sample(slot.sampler, slot.batch_index)
@@ -374,10 +434,12 @@ class SlotScheduler:
         assert job is not None
         k = job.params.logprobs or 0
         for position, index in slot.scoring:
-            slot.prompt_logprobs.append(self._entry(index, job.prompt[position], k))
+            slot.prompt_logprobs.append(self._entry(index, slot.prompt[position], k))
         slot.scoring.clear()
         if not slot.prefilling:
-            self._emit(job, TokenEvent("", logprobs=tuple(slot.prompt_logprobs), prompt=True))
+            scored = tuple(slot.prompt_logprobs)
+            for choice in (slot, *slot.followers):
+                self._emit(job, TokenEvent("", choice.choice, scored, prompt=True))
             slot.prompt_logprobs.clear()
 
     def _accept(self, slot: Slot, token: int, logprob: Logprob | None = None) -> None:
@@ -416,21 +478,30 @@ class SlotScheduler:
                 slot.unsent.append(rest)
                 slot.chars_out += len(rest)
         self._send_text(slot, now, final=not slot.text.stopped)
+        job.reasons[slot.choice] = reason
+        job.generated += slot.generated
+        job.rated += max(slot.generated - 1, 0)
         first = slot.first_token_at
+        if first is not None and (job.first_token_at is None or first < job.first_token_at):
+            job.first_token_at = first
+        self._release(slot, now)  # before the event: whoever sees "done" sees the slot free
+        if job.running or job.failed:
+            return
+        first = job.first_token_at
         rate = None
-        if first is not None and slot.generated > 1 and now > first:
-            rate = (slot.generated - 1) / (now - first)
+        if first is not None and job.rated > 0 and now > first:
+            rate = job.rated / (now - first)
         done = DoneEvent(
-            finish_reason=reason,
-            prompt_tokens=len(job.prompt),
-            cached_tokens=slot.cached,
-            completion_tokens=slot.generated,
-            queue_seconds=slot.started - job.submitted,
+            finish_reason=max(job.reasons, key=_SEVERITY.index),
+            prompt_tokens=job.prompt_tokens,
+            cached_tokens=job.cached,
+            completion_tokens=job.generated,
+            queue_seconds=job.started - job.submitted,
             time_to_first_token=None if first is None else first - job.submitted,
             tokens_per_second=rate,
             duration=now - job.submitted,
+            choice_reasons=tuple(job.reasons),
         )
-        self._release(slot, now)  # before the event: whoever sees "done" sees the slot free
         self._done(job, done)
 
     def _send_text(self, slot: Slot, now: float, final: bool = False) -> None:
@@ -443,7 +514,7 @@ class SlotScheduler:
             logprobs = tuple(entry for _, entry in held[:ready])
             del held[:ready]
         if (slot.unsent or logprobs) and slot.job is not None:
-            self._emit(slot.job, TokenEvent("".join(slot.unsent), logprobs=logprobs))
+            self._emit(slot.job, TokenEvent("".join(slot.unsent), slot.choice, logprobs))
             slot.unsent.clear()
         slot.sent_at = now
 
@@ -453,22 +524,36 @@ class SlotScheduler:
         self._emit(job, done)
 
     def _fail(self, slot: Slot, error: ApplianceError) -> None:
+        """End the slot's choice with an error: its job's one error event; the job's other
+        choices end (cancelled) at the next step, with no done event."""
         job = slot.job
         assert job is not None
         now = time.monotonic()
         self._send_text(slot, now)  # what was generated before the error is not lost
         self._release(slot, now)
-        self._emit(job, ErrorEvent(error))
+        if not job.failed:
+            job.failed = job.cancelled = True
+            self._emit(job, ErrorEvent(error))
 
     def _release(self, slot: Slot, now: float) -> None:
         if slot.sampler is not None:
             LlamaModel.free_sampler(slot.sampler)
-        if slot.job is not None:
-            slot.job.free_grammar()
+        job = slot.job
+        if job is not None:
+            job.running -= 1
+            if not job.running:
+                job.free_grammar()
         slot.job = None
+        slot.leader = None
+        slot.followers.clear()
+        slot.prompt_logprobs.clear()
         slot.sampler = None
         slot.text = None
         slot.last_used = now
+
+
+# A job's finish reason: of its choices' reasons, the last in this list.
+_SEVERITY = ["", "stop", "length", "cancelled", "timeout"]
 
 
 def _put_all(items: list[tuple[Job, Event]]) -> None:

@@ -11,7 +11,7 @@ from ..chat_format import GenericAnswer, ToolCall, template_messages
 from ..engine import DoneEvent, Event, TokenEvent
 from .endpoint import collect, error_body, event_json, read_body, start, stream
 from .models import check_model
-from .openai import Choices, chat_logprobs, chunks, finish_reason, header, usage
+from .openai import Choices, chat_choice, chat_logprobs, chunks, finish_reason, header, usage
 from .schemas import ChatCompletionRequest
 from .sse import frame
 
@@ -28,7 +28,8 @@ async def chat_completions(request: Request) -> Response:
     base = header(request, "chatcmpl-", "chat.completion.chunk")
     if body.stream:
         if tools_on:
-            return stream(request, generation, _tool_chunks(base, body.include_usage))
+            render = _tool_chunks(base, body.include_usage, bool(body.logprobs))
+            return stream(request, generation, render)
         started: set[int] = set()
 
         def chunk(index: int, event: TokenEvent | None, reason: str | None) -> dict[str, Any]:
@@ -42,7 +43,7 @@ async def chat_completions(request: Request) -> Response:
             return choice
 
         return stream(request, generation, chunks(base, chunk, body.include_usage))
-    choices = Choices(1)
+    choices = Choices(body.n)
     text, done = await collect(request, generation, on_token=choices.add)
     message: dict[str, Any] = {"role": "assistant", "content": text}
     reason = finish_reason(done)
@@ -54,14 +55,16 @@ async def chat_completions(request: Request) -> Response:
         if calls:
             message["tool_calls"] = [_call(c) for c in calls]
             reason = "tool_calls" if done.finish_reason == "stop" else reason
-    reply: dict[str, Any] = {"index": 0, "message": message, "finish_reason": reason}
-    if body.logprobs:
-        reply["logprobs"] = chat_logprobs(choices.items[0].logprobs)
+    replies = [chat_choice(0, message, reason, choices.items[0], body.logprobs)]
+    for index, choice in enumerate(choices.items[1:], start=1):  # n > 1: no tools (a grammar)
+        message = {"role": "assistant", "content": "".join(choice.text)}
+        reason = finish_reason(done, index)
+        replies.append(chat_choice(index, message, reason, choice, body.logprobs))
     return JSONResponse(
         {
             **base,
             "object": "chat.completion",
-            "choices": [reply],
+            "choices": replies,
             "usage": usage(done),
         }
     )
@@ -75,9 +78,10 @@ def _call(call: ToolCall) -> dict[str, Any]:
     }
 
 
-def _tool_chunks(base: dict[str, Any], include_usage: bool) -> Any:
+def _tool_chunks(base: dict[str, Any], include_usage: bool, logprobs: bool = False) -> Any:
     """OpenAI's chunks for an answer read as the generic form: its text as `content` deltas,
-    each call as a delta with its id and name, then its arguments in pieces."""
+    each call as a delta with its id and name, then its arguments in pieces (`logprobs`: each
+    event's tokens' in a chunk of their own, with an empty delta)."""
     answer = GenericAnswer()
     started = False
 
@@ -105,6 +109,10 @@ def _tool_chunks(base: dict[str, Any], include_usage: bool) -> Any:
                         "function": {"name": name, "arguments": arguments},
                     }
                 frames.append(delta_frame({"tool_calls": [part]}))
+            if logprobs and event.logprobs:
+                scored = {"index": 0, "delta": {}, "finish_reason": None}
+                scored["logprobs"] = chat_logprobs(event.logprobs)
+                frames.append(frame(event_json({**base, "choices": [scored]})))
             return b"".join(frames)
         if isinstance(event, DoneEvent):
             _, calls = answer.result()

@@ -47,7 +47,7 @@ async def completions(request: Request) -> Response:
             return {"index": index, "text": text, "logprobs": rendered, "finish_reason": reason}
 
         return stream(request, generation, chunks(base, chunk, body.include_usage))
-    choices = Choices(1)
+    choices = Choices(body.n)
     _, done = await collect(request, generation, on_token=choices.add)
     answers = []
     for index, choice in enumerate(choices.items):
@@ -61,7 +61,7 @@ async def completions(request: Request) -> Response:
                 "index": index,
                 "text": echo + "".join(choice.text),
                 "logprobs": rendered,
-                "finish_reason": finish_reason(done),
+                "finish_reason": finish_reason(done, index),
             }
         )
     return JSONResponse({**base, "choices": answers, "usage": usage(done)})

@@ -118,6 +118,7 @@ async def start(
     settings: Settings = request.app.state.settings
     params = _generation_params(request, body)
     try:
+        engine.check_params(params)
         prompt = await asyncio.to_thread(tokenize, engine)
         limit = settings.max_prompt_tokens
         if limit is not None and len(prompt) > limit:

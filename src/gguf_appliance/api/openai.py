@@ -33,8 +33,10 @@ def header(request: Request, prefix: str, kind: str) -> dict[str, Any]:
     }
 
 
-def finish_reason(done: DoneEvent) -> str:
-    return "stop" if done.finish_reason == "stop" else "length"
+def finish_reason(done: DoneEvent, choice: int = 0) -> str:
+    reasons = done.choice_reasons
+    reason = reasons[choice] if choice < len(reasons) else done.finish_reason
+    return "stop" if reason == "stop" else "length"
 
 
 def usage(done: DoneEvent) -> dict[str, Any]:
@@ -47,14 +49,17 @@ def usage(done: DoneEvent) -> dict[str, Any]:
 
 
 def chunks(base: dict[str, Any], chunk: Chunk, include_usage: bool) -> Callable[[Event], bytes]:
-    """OpenAI's streaming frames: `data: {chunk}` lines, then `data: [DONE]`."""
+    """OpenAI's streaming frames: `data: {chunk}` lines, each of one choice (its `index`), the
+    last of each choice with its finish reason, then `data: [DONE]`."""
 
     def render(event: Event) -> bytes:
         if isinstance(event, TokenEvent):
             return frame(event_json({**base, "choices": [chunk(event.choice, event, None)]}))
         if isinstance(event, DoneEvent):
-            last = {**base, "choices": [chunk(0, None, finish_reason(event))]}
-            frames = [frame(event_json(last))]
+            frames = [
+                frame(event_json({**base, "choices": [chunk(i, None, finish_reason(event, i))]}))
+                for i in range(max(len(event.choice_reasons), 1))
+            ]
             if include_usage:
                 frames.append(frame(event_json({**base, "choices": [], "usage": usage(event)})))
             frames.append(frame("[DONE]"))
@@ -104,6 +109,16 @@ def chat_logprobs(entries: Iterable[Logprob]) -> dict[str, Any]:
             {**_chat_token(e), "top_logprobs": [_chat_token(a) for a in e.top]} for e in entries
         ]
     }
+
+
+def chat_choice(
+    index: int, message: dict[str, Any], reason: str, choice: Choice, logprobs: bool | None
+) -> dict[str, Any]:
+    """A choice of an unstreamed chat answer (`logprobs`: the request asked for them)."""
+    reply = {"index": index, "message": message, "finish_reason": reason}
+    if logprobs:
+        reply["logprobs"] = chat_logprobs(choice.logprobs)
+    return reply
 
 
 class LegacyLogprobs:

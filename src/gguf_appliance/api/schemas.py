@@ -161,11 +161,20 @@ class _OpenAIRequest(Sampling):
     model: str | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: int = Field(1, ge=1, le=1, description="Only one choice per request is supported.")
+    n: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="Choices to make, each sampled on its own from the prompt read once "
+        "(with a seed, choice i uses seed + i); at most the node's slots, and 1 with a grammar.",
+    )
 
     @property
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
+
+    def generation_params(self, default_max_tokens: int) -> GenerationParams:
+        return replace(super().generation_params(default_max_tokens), n=self.n)
 
 
 FunctionName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
