@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import signal
@@ -26,6 +27,14 @@ def wait_until(condition: Callable[[], object], timeout: float, what: str) -> No
     while not condition():
         assert time.monotonic() < deadline, f"{what} (waited {timeout:g} s)"
         time.sleep(0.05)
+
+
+async def wait_for_condition(condition: Callable[[], object], timeout: float, what: str) -> None:
+    """wait_until for a test's event loop: the loop keeps running while it waits."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"{what} (waited {timeout:g} s)"
+        await asyncio.sleep(0.05)
 
 
 def free_port() -> int:
@@ -72,17 +81,18 @@ class RunningServer:
         timeout: float,
         headers: dict[str, str] | None = None,
     ) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        def reached() -> bool:
             if self.process.poll() is not None:
                 raise RuntimeError(f"server exited with {self.process.returncode}: {self.log()}")
             try:
-                if ok(httpx.get(self.url(path), timeout=2, headers=headers)):
-                    return
+                return ok(httpx.get(self.url(path), timeout=2, headers=headers))
             except httpx.TransportError:
-                pass
-            time.sleep(0.05)
-        raise TimeoutError(f"{path} not reached in {timeout} s: {self.log()}")
+                return False
+
+        try:
+            wait_until(reached, timeout, f"{path} not reached")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}: {self.log()}") from None
 
     def log(self) -> str:
         self._log.flush()

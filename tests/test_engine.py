@@ -2,7 +2,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
 
 import pytest
 
@@ -10,18 +9,10 @@ from gguf_appliance.engine import DoneEvent, Engine, ErrorEvent, GenerationParam
 from gguf_appliance.errors import InvalidRequest, PromptTooLong, QueueFull
 from gguf_appliance.llama import SamplingParams
 
-from .conftest import collect
+from .conftest import collect, wait_for_condition
 
 GREEDY = SamplingParams(temperature=0.0)
 STORY = [{"role": "user", "content": "Write a very long story about a dragon and a knight."}]
-
-
-async def wait_for_condition(condition: Callable[[], object], timeout: float, what: str) -> None:
-    """conftest.wait_until for a test's event loop: the loop keeps running while it waits."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"{what} (waited {timeout:g} s)"
-        await asyncio.sleep(0.05)
 
 
 def params(max_tokens: int = 64, stop: tuple[str, ...] = (), **sampling: float) -> GenerationParams:

@@ -13,7 +13,7 @@ from typing import Any
 
 import httpx
 
-from .conftest import RunningServer
+from .conftest import RunningServer, wait_until
 from .sse import events
 
 SECRET = "Zebra-Quokka-7731"  # a prompt marker that cannot appear in the log by accident
@@ -29,14 +29,23 @@ def access_lines(node: RunningServer) -> list[dict[str, Any]]:
     return entries
 
 
+def line_for(node: RunningServer, request_id: str) -> dict[str, Any] | None:
+    return next((e for e in access_lines(node) if e["request_id"] == request_id), None)
+
+
 def wait_for_line(node: RunningServer, request_id: str) -> dict[str, Any]:
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        for entry in access_lines(node):
-            if entry["request_id"] == request_id:
-                return entry
-        time.sleep(0.05)
-    raise AssertionError(f"no log line for {request_id}: {node.log()}")
+    try:
+        wait_until(lambda: line_for(node, request_id), 10, f"no log line for {request_id}")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}: {node.log()}") from None
+    entry = line_for(node, request_id)
+    assert entry is not None
+    return entry
+
+
+def requests_logged(node: RunningServer) -> list[dict[str, Any]]:
+    """The access lines of requests the test made (the start's readiness polls left out)."""
+    return [e for e in access_lines(node) if e["route"] != "/health/ready"]
 
 
 def chat(node: RunningServer, request_id: str, content: str) -> str:
@@ -57,6 +66,7 @@ def test_one_json_line_per_request_with_its_figures_and_no_prompt(start_server: 
     node = start_server(log_format="json")
     answer = chat(node, "req-figures-1", f"Repeat after me: {SECRET}")
     entry = wait_for_line(node, "req-figures-1")
+    logged = len(requests_logged(node))
     assert entry["route"] == "/generate" and entry["method"] == "POST"
     assert entry["status"] == 200
     assert entry["finish_reason"] in ("stop", "length")
@@ -70,11 +80,13 @@ def test_one_json_line_per_request_with_its_figures_and_no_prompt(start_server: 
         content=b'{"prompt": "' + SECRET.encode(),  # bad JSON: 400
         headers={"content-type": "application/json"},
     )
-    time.sleep(0.5)
+    wait_until(
+        lambda: len(requests_logged(node)) >= logged + 2, 10, "the last two requests never logged"
+    )
     log = node.log_path.read_text()
     assert SECRET not in log
     assert answer.strip() and answer.strip() not in log  # nor the answer
-    statuses = [e["status"] for e in access_lines(node) if e["route"] != "/health/ready"]
+    statuses = [e["status"] for e in requests_logged(node)]
     assert statuses[-3:] == [200, 200, 400]
 
 
@@ -97,9 +109,7 @@ def test_a_client_that_leaves_is_logged_with_what_it_cost(start_server: Any) -> 
         for event, _ in events(response):
             if event == "token":
                 break  # leaving closes the connection mid-answer
-    deadline = time.monotonic() + 10
-    while "request_id=req-gone-1" not in node.log() and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_until(lambda: "request_id=req-gone-1" in node.log(), 10, "req-gone-1 never logged")
     line = next(x for x in node.log().splitlines() if "request_id=req-gone-1" in x)
     assert "finish_reason=cancelled" in line
     assert " prompt_tokens=" in line and " completion_tokens=" in line
@@ -120,8 +130,12 @@ def test_the_api_key_never_reaches_the_log(start_server: Any) -> None:
     node = start_server(api_keys=key, log_format="json")
     assert httpx.get(node.url("/v1/models"), headers={"Authorization": "Bearer wrong"}).is_error
     assert httpx.get(node.url("/v1/models"), headers={"Authorization": f"Bearer {key}"}).is_success
-    time.sleep(0.3)
-    lines = [e for e in access_lines(node) if e["route"] == "/v1/models"]
+
+    def models_lines() -> list[dict[str, Any]]:
+        return [e for e in access_lines(node) if e["route"] == "/v1/models"]
+
+    wait_until(lambda: len(models_lines()) >= 2, 10, "the two /v1/models requests never logged")
+    lines = models_lines()
     assert [e["status"] for e in lines] == [401, 200]
     assert lines[0]["error"] == "invalid_api_key"
     assert key not in node.log_path.read_text()
@@ -179,10 +193,11 @@ def test_a_client_that_leaves_mid_body_is_a_499_not_a_traceback(server: RunningS
             b"X-Request-ID: req-half-body\r\nContent-Length: 100\r\n\r\n"
             b'{"prompt": "hel'
         )
+        # The client under test: it stalls mid-body, then leaves. The pause lets the server take
+        # the headers and the first bytes and wait for the rest, so the leaving is mid-body; the
+        # server shows nothing to wait for while it waits for a body.
         time.sleep(0.2)
-    deadline = time.monotonic() + 10
-    while "req-half-body" not in server.log() and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_until(lambda: "req-half-body" in server.log(), 10, "req-half-body never logged")
     line = next(x for x in server.log().splitlines() if "req-half-body" in x)
     assert "status=499" in line and "error=client_disconnected" in line
     assert "Traceback" not in server.log()

@@ -29,6 +29,7 @@ import pytest
 
 from gguf_appliance.settings import Settings
 
+from .conftest import wait_until
 from .sse import events
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,13 +57,17 @@ def free_address(host: str) -> str:
 
 
 def wait_for(find: Callable[[], T | None], timeout: float, what: str) -> T:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = find()
-        if found is not None:
-            return found
-        time.sleep(0.02)
-    raise AssertionError(f"{what}: not within {timeout} s")
+    """wait_until for a thing, not a truth: the first thing `find()` returns (not None)."""
+    found: list[T] = []
+
+    def look() -> bool:
+        thing = find()
+        if thing is not None:
+            found.append(thing)
+        return bool(found)
+
+    wait_until(look, timeout, what)
+    return found[0]
 
 
 @pytest.fixture
@@ -183,14 +188,13 @@ def test_a_killed_node_cuts_only_its_own_streams_and_comes_back(start_pool: Any)
     # failed node another try after fail_timeout, 5 s).
     victim.start()
     victim.wait_ready(60)
-    deadline = time.monotonic() + 30
-    for _ in range(100):
+
+    def served_by_the_restarted_node() -> bool:
         outcome = stream(pool.url, 4, Outcome())
         assert outcome.done, outcome
-        if outcome.served_by == victim.address or time.monotonic() > deadline:
-            break
-        time.sleep(0.2)
-    assert outcome.served_by == victim.address, "the restarted node got no request in 30 s"
+        return bool(outcome.served_by == victim.address)
+
+    wait_until(served_by_the_restarted_node, 30, "the restarted node got no request")
 
 
 def test_a_draining_node_finishes_its_streams_and_the_pool_moves_new_ones(
@@ -204,8 +208,12 @@ def test_a_draining_node_finishes_its_streams_and_the_pool_moves_new_ones(
     first = wait_for(lambda: next((o for o in draining_streams if o.tokens), None), 60, "tokens")
     node = next(n for n in pool.nodes if n.address == first.served_by)
     node.process.send_signal(signal.SIGTERM)
-    # Readiness turns 503 at once (what OCI's health check sees).
-    time.sleep(0.3)
+    # Readiness turns 503 at once (what OCI's health check sees): within 0.3 s.
+    wait_until(
+        lambda: httpx.get(node.url + "/health/ready").status_code == 503,
+        0.3,
+        "readiness still not 503 after SIGTERM",
+    )
     ready = httpx.get(node.url + "/health/ready")
     assert ready.status_code == 503 and ready.json()["status"] == "draining"
 

@@ -7,6 +7,7 @@ from typing import Any
 
 import httpx
 
+from .conftest import wait_until
 from .sse import events
 
 STORY = [{"role": "user", "content": "Write a very long story about a dragon and a knight."}]
@@ -35,7 +36,12 @@ def test_sigterm_drains_then_exits(start_server: Any) -> None:
     thread, received, started = stream_in_background(node.url("/generate"), body)
     assert started.wait(30)
     node.process.send_signal(signal.SIGTERM)
-    time.sleep(0.3)
+    # Readiness turns 503 at once (docs/api.md): within 0.3 s, the stream still in flight.
+    wait_until(
+        lambda: httpx.get(node.url("/health/ready")).status_code == 503,
+        0.3,
+        "readiness still not 503 after SIGTERM",
+    )
     ready = httpx.get(node.url("/health/ready"))
     assert ready.status_code == 503
     assert ready.json()["status"] == "draining"
