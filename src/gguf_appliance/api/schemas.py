@@ -23,13 +23,13 @@ StopString = Annotated[str, Field(max_length=200)]
 
 
 class TextPart(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")
     type: Literal["text"]
     text: str
 
 
 class Message(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextPart] | None = ""
 
@@ -42,7 +42,7 @@ class Message(BaseModel):
 
 
 class JsonSchemaFormat(BaseModel):
-    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
     name: str = Field("response", max_length=64)
     description: str | None = None
     schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
@@ -52,7 +52,7 @@ class JsonSchemaFormat(BaseModel):
 class ResponseFormat(BaseModel):
     """OpenAI's `response_format`: plain text, any JSON object, or JSON matching a schema."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")
     type: Literal["text", "json_object", "json_schema"]
     json_schema: JsonSchemaFormat | None = None
 
@@ -74,7 +74,7 @@ class ResponseFormat(BaseModel):
 class Sampling(BaseModel):
     """Fields every generation request shares; None means the node's default."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")
 
     max_tokens: int | None = Field(None, ge=1, description="Most tokens to generate.")
     temperature: float = Field(
@@ -134,7 +134,7 @@ class GenerateRequest(Sampling):
     """POST /generate: a prompt (raw text) or messages (a chat), streamed back as SSE."""
 
     model_config = ConfigDict(
-        extra="ignore",
+        extra="forbid",
         json_schema_extra={  # _one_input, for the OpenAPI document (null = absent)
             "oneOf": [
                 {"required": ["prompt"], "properties": {"prompt": {"type": "string"}}},
@@ -154,11 +154,18 @@ class GenerateRequest(Sampling):
 
 
 class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
     include_usage: bool = False
+    include_obfuscation: Literal[False] | None = Field(
+        None, description="No obfuscation padding is added to chunks."
+    )
 
 
 class _OpenAIRequest(Sampling):
+    # A field this node does not know is refused by name, never silently dropped.
+    model_config = ConfigDict(extra="forbid")
     model: str | None = None
+    user: str | None = Field(None, max_length=256, description="Accepted, not used.")
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = Field(
@@ -181,7 +188,7 @@ FunctionName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
 
 
 class ToolCallFunction(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")
     name: FunctionName
     arguments: str = Field(max_length=LIMITS.max_chars, description="JSON text.")
 
@@ -189,7 +196,7 @@ class ToolCallFunction(BaseModel):
 class ToolCallItem(BaseModel):
     """A call an earlier assistant message made (as the client sends the conversation back)."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")
     id: str = Field(max_length=128)
     type: Literal["function"] = "function"
     function: ToolCallFunction
@@ -202,6 +209,11 @@ class ChatMessage(Message):
     name: str | None = Field(None, max_length=64, description="Passed to the chat template.")
     tool_calls: list[ToolCallItem] | None = Field(None, max_length=128)
     tool_call_id: str | None = Field(None, max_length=128)
+    # What clients send back of an earlier answer: only empty, as this node makes them.
+    refusal: None = None
+    audio: None = None
+    function_call: None = Field(None, description="Deprecated by OpenAI: send tool_calls.")
+    annotations: list[Any] | None = Field(None, max_length=0)
 
     @model_validator(mode="after")
     def _tool_fields(self) -> ChatMessage:
@@ -226,7 +238,7 @@ class ChatMessage(Message):
 
 
 class FunctionDefinition(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")
     name: FunctionName
     description: str | None = Field(None, max_length=10_000)
     parameters: dict[str, Any] | None = Field(
@@ -236,7 +248,7 @@ class FunctionDefinition(BaseModel):
 
 
 class ToolDefinition(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")
     type: Literal["function"]
     function: FunctionDefinition
 
@@ -256,6 +268,17 @@ class ChatCompletionRequest(_OpenAIRequest):
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool = True
     max_completion_tokens: int | None = Field(None, ge=1)
+    # Accepted: what they ask for is what the node does anyway, or they only label a request.
+    store: Literal[False] | None = Field(None, description="Nothing is stored.")
+    metadata: dict[str, Annotated[str, Field(max_length=512)]] | None = Field(
+        None, max_length=16, description="Accepted, not used (nothing is stored)."
+    )
+    service_tier: Literal["auto", "default"] | None = None
+    modalities: list[Literal["text"]] | None = Field(None, max_length=1)
+    prompt_cache_key: str | None = Field(
+        None, max_length=256, description="Accepted: prompt prefixes are reused without it."
+    )
+    safety_identifier: str | None = Field(None, max_length=256, description="Accepted, not used.")
     logprobs: bool | None = Field(
         None,
         description="Each answer token's log probability: the model's own (log-softmax of "
