@@ -132,6 +132,7 @@ def test_protected_operations_answer_401_as_documented(start_server: Any) -> Non
         ("/v1/embeddings", "post"),
         ("/v1/messages", "post"),
         ("/v1/models", "get"),
+        ("/v1/responses", "post"),
     ]
     for path, method in protected:
         response = httpx.request(method, node.url(path), json={})
