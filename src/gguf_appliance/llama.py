@@ -14,12 +14,12 @@ import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 import llama_cpp as C
 import numpy as np
-from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
+from . import chat_template as templates
 from .errors import InvalidRequest, ModelError
 from .grammar import Constraint, check_gbnf
 
@@ -74,14 +74,31 @@ class SamplingParams:
 class LlamaModel:
     """A loaded GGUF model with one context of `n_seq` sequences."""
 
-    def __init__(self, path: Path, *, n_ctx: int, n_seq: int, n_batch: int, threads: int) -> None:
+    def __init__(
+        self,
+        path: Path,
+        *,
+        n_ctx: int,
+        n_seq: int,
+        n_batch: int,
+        threads: int,
+        chat_template: str | None = None,
+    ) -> None:
+        """`chat_template`: the CHAT_TEMPLATE setting (see chat_template.py); a bad one raises
+        ModelError, as a bad model does."""
         _init_backend()
         self.path = path
+        setting = None if chat_template is None else templates.read_setting(chat_template)
         mparams = C.llama_model_default_params()
         self.model = C.llama_model_load_from_file(str(path).encode(), mparams)
         if not self.model:
             raise ModelError(f"llama.cpp could not load {path} (see the log for the reason)")
         self.vocab = C.llama_model_get_vocab(self.model)
+        try:
+            self._chat = self._chat_template(setting)
+        except BaseException:
+            C.llama_model_free(self.model)
+            raise
         cparams = C.llama_context_default_params()
         cparams.n_ctx = n_ctx
         cparams.n_batch = n_batch
@@ -105,7 +122,6 @@ class LlamaModel:
         self._specials = self._special_texts()
         self._ids: Any = None
         self._array: Any = None
-        self._chat = self._chat_formatter()
 
     # --- text and tokens (any thread) ---
 
@@ -145,14 +161,30 @@ class LlamaModel:
     def has_chat_template(self) -> bool:
         return self._chat is not None
 
-    def _chat_formatter(self) -> Jinja2ChatFormatter | None:
-        template = C.llama_model_chat_template(self.model, None)
-        if not template:
+    @property
+    def chat_template(self) -> str:
+        """Which chat template is in use and where it came from (/v1/models, the log)."""
+        return self._chat.label
+
+    def meta(self, key: str) -> str | None:
+        """A GGUF metadata value as text (None if the file has no such key)."""
+        buf = ctypes.create_string_buffer(256)
+        n = C.llama_model_meta_val_str(self.model, key.encode(), buf, len(buf))
+        if n < 0:
             return None
-        return Jinja2ChatFormatter(
-            template=template.decode("utf-8"),
-            eos_token=self.token_text(C.llama_vocab_eos(self.vocab)),
-            bos_token=self.token_text(C.llama_vocab_bos(self.vocab)),
+        if n >= len(buf):
+            buf = ctypes.create_string_buffer(n + 1)
+            C.llama_model_meta_val_str(self.model, key.encode(), buf, len(buf))
+        return buf.value.decode("utf-8", "replace")
+
+    def _chat_template(self, setting: tuple[str, str | None] | None) -> templates.ChatTemplate:
+        template = C.llama_model_chat_template(self.model, None)
+        return templates.choose(
+            setting,
+            gguf_template=template.decode("utf-8") if template else None,
+            architecture=self.meta("general.architecture"),
+            bos=self.token_text(C.llama_vocab_bos(self.vocab)),
+            eos=self.token_text(C.llama_vocab_eos(self.vocab)),
         )
 
     def chat_prompt(self, messages: Sequence[dict[str, Any]]) -> list[int]:
@@ -179,7 +211,9 @@ class LlamaModel:
     def _render(self, messages: Sequence[dict[str, Any]]) -> str:
         assert self._chat is not None
         try:
-            return str(self._chat(messages=cast(Any, list(messages))).prompt)
+            return self._chat.render(messages)
+        except InvalidRequest:
+            raise
         except Exception as exc:  # jinja raises TemplateError (and raise_exception's own)
             raise InvalidRequest(f"the chat template rejected the messages: {exc}") from None
 

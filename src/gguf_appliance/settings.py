@@ -66,6 +66,16 @@ class Settings(BaseSettings):
         le=3600,
         description="Seconds between download progress lines when not on a terminal.",
     )
+    chat_template: str | None = Field(
+        None,
+        min_length=1,
+        max_length=4096,
+        pattern=r"^[^\x00-\x1f\x7f]+$",
+        description="Chat template: a Jinja file (a path with a `/` or ending in `.jinja`, at "
+        "most 128 KiB) or the name of one built into llama.cpp (`chatml`, `gemma`, `llama3`, "
+        "...). Default: the GGUF's own; for a GGUF without one, its architecture's (gemma3: "
+        "`gemma`), else `chatml`. A bad one: the model is not served, /health/ready says why.",
+    )
     model_alias: str | None = Field(
         None,
         min_length=1,

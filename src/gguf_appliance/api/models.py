@@ -25,17 +25,16 @@ def check_model(request: Request, asked: str | None) -> None:
 
 async def models(request: Request) -> Response:
     engine: Engine = request.app.state.engine
-    data = []
-    if engine.ready:
-        data.append(
-            {
-                "id": model_id(request),
-                "object": "model",
-                "created": int(request.app.state.started_at),
-                "owned_by": "gguf-appliance",
-            }
-        )
+    data: list[dict[str, object]] = []
+    card = {
+        "object": "model",
+        "created": int(request.app.state.started_at),
+        "owned_by": "gguf-appliance",
+    }
+    if engine.ready and engine.model is not None:
+        # An extra field (clients ignore it): which chat template, and where it came from.
+        data.append({"id": model_id(request), **card, "chat_template": engine.model.chat_template})
     embedding: EmbeddingService = request.app.state.embeddings
     if engine.ready and embedding.model_id is not None:  # a model of its own for /v1/embeddings
-        data.append({**data[0], "id": embedding.model_id})
+        data.append({"id": embedding.model_id, **card})
     return JSONResponse({"object": "list", "data": data})

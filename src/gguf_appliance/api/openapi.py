@@ -60,6 +60,12 @@ class ModelCard(_Response):
     object: Literal["model"]
     created: int
     owned_by: str
+    chat_template: str | None = Field(
+        None,
+        description="Not OpenAI's: the chat template in use and where it came from (the GGUF, "
+        "the CHAT_TEMPLATE setting, or guessed from the architecture); absent on an "
+        "embedding model's card.",
+    )
 
 
 class ModelList(_Response):
