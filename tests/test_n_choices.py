@@ -15,7 +15,7 @@ import pytest
 from gguf_appliance.engine import DoneEvent, Engine, Generation, GenerationParams, TokenEvent
 from gguf_appliance.errors import InvalidRequest, QueueFull
 from gguf_appliance.grammar import Constraint
-from gguf_appliance.llama import SamplingParams
+from gguf_appliance.llama import LlamaModel, SamplingParams
 
 from .conftest import RunningServer, make_engine
 
@@ -229,5 +229,78 @@ def test_completion_n_with_echo(client: openai.OpenAI) -> None:
 )
 def test_n_out_of_bounds_is_refused_naming_n(server: RunningServer, body: dict[str, Any]) -> None:
     response = httpx.post(server.url("/v1/chat/completions"), json=body, timeout=30)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == "n"
+
+
+# --- completions: a list of prompts, token ids ---
+
+
+@pytest.fixture(scope="module")
+def vocab(model_path: Path) -> Iterator[LlamaModel]:
+    model = LlamaModel(model_path, n_ctx=256, n_seq=1, n_batch=64, threads=1)
+    yield model
+    model.close()
+
+
+def test_a_list_of_prompts_gives_each_its_choices_in_order(client: openai.OpenAI) -> None:
+    prompts = ["The capital of France is", "Once upon a time", "1, 2, 3,"]
+    args: dict[str, Any] = {"model": "any", "max_tokens": 8, "temperature": 0}
+    alone = [client.completions.create(prompt=p, **args) for p in prompts]
+    together = client.completions.create(prompt=prompts, n=2, **args)
+    assert [c.index for c in together.choices] == list(range(6))
+    for i, reply in enumerate(alone):
+        assert together.choices[2 * i].text == reply.choices[0].text
+        assert together.choices[2 * i + 1].text == reply.choices[0].text
+    assert together.usage is not None
+    assert together.usage.prompt_tokens == sum(r.usage.prompt_tokens for r in alone if r.usage)
+    assert together.usage.completion_tokens == 2 * sum(
+        r.usage.completion_tokens for r in alone if r.usage
+    )
+    streamed = [""] * 6
+    for chunk in client.completions.create(prompt=prompts, n=2, stream=True, **args):
+        for choice in chunk.choices:
+            streamed[choice.index] += choice.text
+    assert streamed == [c.text for c in together.choices]
+
+
+def test_token_id_prompts_read_as_their_text(client: openai.OpenAI, vocab: LlamaModel) -> None:
+    texts = ["The capital of France is", "Once upon a time"]
+    ids = [vocab.text_prompt(t) for t in texts]
+    args: dict[str, Any] = {"model": "any", "max_tokens": 6, "temperature": 0}
+    by_text = client.completions.create(prompt=texts[0], **args).choices[0].text
+    by_ids = client.completions.create(prompt=ids[0], echo=True, **args).choices[0].text
+    assert by_ids == texts[0] + by_text
+    both = client.completions.create(prompt=ids, **args)
+    assert both.choices[0].text == by_text
+    assert both.usage is not None and both.usage.prompt_tokens == sum(map(len, ids))
+
+
+@pytest.mark.parametrize(
+    ("prompt", "n"),
+    [
+        ([49152], 1),  # the bundled model's vocabulary is 0 to 49,151
+        ([[1, 2], [3, 99999]], 1),
+        ([-1], 1),
+        ([True, 1], 1),
+        ([], 1),
+        ([[]], 1),
+        ([1, "a"], 1),
+        (["a"] * 9, 1),  # more prompts than the shared node's 8 slots
+        ([[1, 2]] * 65, 1),
+    ],
+)
+def test_prompts_out_of_bounds_are_refused_naming_prompt(
+    server: RunningServer, prompt: Any, n: int
+) -> None:
+    body = {"prompt": prompt, "n": n, "max_tokens": 2}
+    response = httpx.post(server.url("/v1/completions"), json=body, timeout=30)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == "prompt"
+
+
+def test_prompts_times_n_beyond_the_slots_is_refused_naming_n(server: RunningServer) -> None:
+    body = {"prompt": ["a", "b", "c"], "n": 3, "max_tokens": 2}
+    response = httpx.post(server.url("/v1/completions"), json=body, timeout=30)
     assert response.status_code == 400, response.text
     assert response.json()["error"]["param"] == "n"

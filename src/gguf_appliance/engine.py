@@ -16,7 +16,15 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import ApplianceError, Draining, EmptyPrompt, InvalidRequest, NotReady, PromptTooLong
+from .errors import (
+    ApplianceError,
+    Draining,
+    EmptyPrompt,
+    InvalidPrompt,
+    InvalidRequest,
+    NotReady,
+    PromptTooLong,
+)
 from .generation import (
     MAX_TOP_LOGPROBS,
     DoneEvent,
@@ -220,6 +228,18 @@ class Engine:
     def tokenize_prompt(self, prompt: str) -> list[int]:
         return self._require_model().text_prompt(prompt)
 
+    def check_tokens(self, tokens: list[int]) -> None:
+        """Raise InvalidPrompt unless every id is a token of the model's vocabulary."""
+        size = self._require_model().n_vocab
+        wrong = next((t for t in tokens if not 0 <= t < size), None)
+        if wrong is not None:
+            raise InvalidPrompt(
+                f"the prompt holds the token id {wrong}; this model's are 0 to {size - 1}"
+            )
+
+    def detokenize(self, tokens: list[int]) -> str:
+        return self._require_model().detokenize(tokens)
+
     def compile_grammar(self, constraint: Constraint) -> Grammar:
         """Build a request's grammar, check it, load it into a worker process and try it on a
         first token (blocking: run it in a thread, see `prepare_grammar`)."""
@@ -259,10 +279,21 @@ class Engine:
         A request with a grammar passes it built (`prepare_grammar`); if it does not, it is
         built here, on the caller's thread. The job owns it from here on, also on a refusal.
         """
+        return self.submit_prompts([prompt], params, timeout, grammar)
+
+    def submit_prompts(
+        self,
+        prompts: list[list[int]],
+        params: GenerationParams,
+        timeout: float,
+        grammar: Grammar | None = None,
+    ) -> Generation:
+        """`submit` of several prompts in one request, each with `params.n` choices (prompt
+        i's are choices i*n to i*n+n-1); all its choices start together."""
         try:
             if params.sampling.grammar is not None and grammar is None:
                 grammar = self.compile_grammar(params.sampling.grammar)
-            return self._submit(prompt, params, timeout, grammar)
+            return self._submit(prompts, params, timeout, grammar)
         except BaseException:
             if grammar is not None:
                 grammar.close()
@@ -270,7 +301,7 @@ class Engine:
 
     def _submit(
         self,
-        prompt: list[int],
+        prompts: list[list[int]],
         params: GenerationParams,
         timeout: float,
         grammar: Grammar | None,
@@ -279,18 +310,30 @@ class Engine:
         scheduler = self.scheduler
         if self._draining or scheduler is None:
             raise Draining("the node is shutting down; retry on another node")
-        if not prompt:
-            raise EmptyPrompt("the prompt is empty")
-        self.check_params(params)
-        room = self.slot_context
-        if len(prompt) >= room:
-            raise PromptTooLong(
-                f"the prompt has {len(prompt)} tokens; the context holds {room} tokens per "
-                f"request, and at least one must be left for the answer"
+        if not prompts or len(prompts) > self.config.n_slots:
+            raise InvalidPrompt(
+                f"{len(prompts)} prompts; this node takes 1 to {self.config.n_slots} a request"
             )
+        self.check_params(params)
+        if len(prompts) * params.n > self.config.n_slots:
+            raise InvalidRequest(
+                f"{len(prompts)} prompts of {params.n} choices; this node makes at most "
+                f"{self.config.n_slots} a request (its slots)",
+                param="n",
+            )
+        room = self.slot_context
+        for prompt in prompts:
+            if not prompt:
+                raise EmptyPrompt("the prompt is empty")
+            if len(prompt) >= room:
+                raise PromptTooLong(
+                    f"the prompt has {len(prompt)} tokens; the context holds {room} tokens "
+                    f"per request, and at least one must be left for the answer"
+                )
+            self.check_tokens(prompt)
         job = Job(
             id=next(self._ids),
-            prompts=[prompt],
+            prompts=prompts,
             params=params,
             deadline=time.monotonic() + timeout,
             loop=asyncio.get_running_loop(),

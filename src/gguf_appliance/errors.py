@@ -29,7 +29,12 @@ class PromptTooLong(InvalidRequest):
     code = "context_length_exceeded"
 
 
-class EmptyPrompt(InvalidRequest):
+class InvalidPrompt(InvalidRequest):
+    """A prompt the model cannot take (a token id outside its vocabulary, too many prompts);
+    raised without `param`, as PromptTooLong."""
+
+
+class EmptyPrompt(InvalidPrompt):
     """Raised without `param`, as PromptTooLong."""
 
 

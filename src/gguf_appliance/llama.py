@@ -154,6 +154,18 @@ class LlamaModel:
             n = C.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, False)
         return buf.raw[:n]
 
+    def detokenize(self, tokens: list[int]) -> str:
+        """The text of token ids (any thread: a buffer of its own; control tokens as nothing)."""
+        array = (C.llama_token * len(tokens))(*tokens)
+        size = max(64, 8 * len(tokens))
+        for _ in range(2):
+            buf = ctypes.create_string_buffer(size)
+            n = C.llama_detokenize(self.vocab, array, len(tokens), buf, size, False, False)
+            if n >= 0:
+                return buf.raw[:n].decode("utf-8", "replace")
+            size = -n
+        raise InvalidRequest("the token ids cannot be turned into text")
+
     def is_eog(self, token: int) -> bool:
         return bool(C.llama_vocab_is_eog(self.vocab, token))
 

@@ -19,7 +19,7 @@ from ..errors import (
     ApplianceError,
     BodyTooLarge,
     ClientDisconnected,
-    EmptyPrompt,
+    InvalidPrompt,
     InvalidRequest,
     PromptTooLong,
     Unauthorized,
@@ -105,7 +105,7 @@ def _generation_params(request: Request, body: Sampling) -> GenerationParams:
 async def start(
     request: Request,
     body: Sampling,
-    tokenize: Callable[[Engine], list[int]],
+    tokenize: Callable[[Engine], list[int] | tuple[list[int], ...]],
     *,
     prompt_field: str,
     max_tokens_field: str = "max_tokens",
@@ -113,25 +113,28 @@ async def start(
     """Tokenize and build the grammar (both off the event loop), then submit on the app's
     engine with the body's parameters. Raises ApplianceError before any response; errors
     about the prompt name `prompt_field`, the body's field that holds it, and those about
-    the answer's length `max_tokens_field`."""
+    the answer's length `max_tokens_field`. `tokenize` gives a prompt's tokens, or a tuple
+    of prompts (one request, `n` choices each)."""
     engine: Engine = request.app.state.engine
     settings: Settings = request.app.state.settings
     params = _generation_params(request, body)
     try:
         engine.check_params(params)
-        prompt = await asyncio.to_thread(tokenize, engine)
+        tokenized = await asyncio.to_thread(tokenize, engine)
+        prompts = list(tokenized) if isinstance(tokenized, tuple) else [tokenized]
         limit = settings.max_prompt_tokens
-        if limit is not None and len(prompt) > limit:
-            raise PromptTooLong(
-                f"the prompt has {len(prompt)} tokens; this node takes at most {limit}"
-            )
+        for prompt in prompts:
+            if limit is not None and len(prompt) > limit:
+                raise PromptTooLong(
+                    f"the prompt has {len(prompt)} tokens; this node takes at most {limit}"
+                )
         grammar = None
         if params.sampling.grammar is not None:
             grammar = await engine.prepare_grammar(params.sampling.grammar)
-        generation = engine.submit(
-            prompt, params, timeout=settings.request_timeout, grammar=grammar
+        generation = engine.submit_prompts(
+            prompts, params, timeout=settings.request_timeout, grammar=grammar
         )
-    except (PromptTooLong, EmptyPrompt) as exc:
+    except (PromptTooLong, InvalidPrompt) as exc:
         exc.param = prompt_field
         raise
     except InvalidRequest as exc:

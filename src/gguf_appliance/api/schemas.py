@@ -10,7 +10,16 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    ValidatorFunctionWrapHandler,
+    field_validator,
+    model_validator,
+)
 
 from ..chat_format import Tool, ToolCall, ToolUse, tool_constraint
 from ..errors import InvalidRequest
@@ -342,11 +351,35 @@ class ChatCompletionRequest(_OpenAIRequest):
         return params
 
 
+PromptText = Annotated[str, Field(min_length=1)]
+TokenIds = Annotated[
+    list[Annotated[int, Field(ge=0, le=2**31 - 1, strict=True)]], Field(min_length=1)
+]
+
+
 class CompletionRequest(_OpenAIRequest):
     prompt: (
-        Annotated[str, Field(min_length=1)]
-        | Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1, max_length=1)]
-    ) = Field(description="The prompt; a list must hold exactly one string.")
+        PromptText
+        | Annotated[list[PromptText], Field(min_length=1, max_length=64)]
+        | TokenIds
+        | Annotated[list[TokenIds], Field(min_length=1, max_length=64)]
+    ) = Field(
+        description="A text, a list of texts, a list of token ids (of the model's vocabulary) "
+        "or a list of those: each prompt gets `n` choices, prompt i's at index i*n to "
+        "i*n+n-1. At most the node's slots (N_SLOTS) prompts, times `n`."
+    )
+
+    @field_validator("prompt", mode="wrap")
+    @classmethod
+    def _one_prompt_shape(cls, value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+        try:
+            return handler(value)
+        except ValidationError:  # one error naming `prompt`, not each shape it is not
+            raise ValueError(
+                "the prompt must be a text, a list of 1 to 64 texts, a list of token ids "
+                "(0 to 2**31-1) or a list of 1 to 64 such lists, none of them empty"
+            ) from None
+
     max_tokens: int | None = Field(
         None, ge=0, description="Most tokens to generate; 0 (with echo) only scores the prompt."
     )
@@ -372,5 +405,11 @@ class CompletionRequest(_OpenAIRequest):
         )
 
     @property
-    def prompt_text(self) -> str:
-        return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+    def prompts(self) -> list[str | list[int]]:
+        """Each prompt: a text, or token ids."""
+        prompt = self.prompt
+        if isinstance(prompt, str):
+            return [prompt]
+        if all(isinstance(p, int) for p in prompt):
+            return [[p for p in prompt if isinstance(p, int)]]
+        return [p for p in prompt if isinstance(p, (str, list))]
