@@ -388,11 +388,13 @@ class LlamaModel:
             k = min(top, self.n_vocab)
             window = 8.0
             near = np.flatnonzero(scores >= peak - window)
-            while len(near) < k and window < 1e4:
-                window *= 4
+            while len(near) < k and window < 64.0:  # widened a little at a time
+                window += 4.0
                 near = np.flatnonzero(scores >= peak - window)
-            if len(near) < k:  # infinite or NaN logits: sort them all
+            if len(near) < k:  # flat, infinite or NaN logits: all of them
                 near = np.arange(self.n_vocab)
+            if len(near) > 8 * k:  # too many to sort: the k best first
+                near = near[np.argpartition(scores[near], -k)[-k:]]
             ranked = near[np.argsort(-scores[near], kind="stable")[:k]]
             best = [(int(t), value(float(scores[t]))) for t in ranked]
         return value(float(scores[token])), best
