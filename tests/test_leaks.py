@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import random
 import time
 from collections import Counter
@@ -10,7 +11,7 @@ from typing import Any
 
 import httpx
 
-from .conftest import RunningServer
+from .conftest import RunningServer, wait_until
 
 TOPICS = ["dragons", "the sea", "robots", "bread", "the moon", "rivers", "chess", "owls"]
 
@@ -87,15 +88,43 @@ def gauges(node: RunningServer) -> dict[str, float]:
     return {name: node.metric(name) for name in names}
 
 
+def wait_quiet(node: RunningServer, what: str, tasks: float, fds: float = math.inf) -> None:
+    """Wait until no generation runs or waits, and tasks and fds are down to the bounds given.
+
+    A generation whose client left ends, and its connection closes, a moment after the load.
+    """
+
+    def quiet() -> bool:
+        now = gauges(node)
+        return (
+            now["gguf_appliance_busy_slots"] == 0
+            and now["gguf_appliance_queue_depth"] == 0
+            and now["gguf_appliance_event_loop_tasks"] <= tasks
+            and now["process_open_fds"] <= fds
+        )
+
+    try:
+        wait_until(quiet, 10, what)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}: {gauges(node)}") from None
+
+
 def test_a_thousand_mixed_requests_leak_nothing(start_server: Any) -> None:
     node = start_server(n_slots=4, queue_size=64, n_ctx=1024)
+    idle = gauges(node)
     asyncio.run(run_load(node.base_url, 100, 12, seed=1))  # warm up: caches, pools, arenas
-    time.sleep(1)
+    # The baseline is the node at rest again: as few tasks as before the warm-up.
+    wait_quiet(node, "never at rest after the warm-up", idle["gguf_appliance_event_loop_tasks"])
     before = gauges(node)
     started = time.monotonic()
     outcomes = asyncio.run(run_load(node.base_url, 1000, 12, seed=2))
     elapsed = time.monotonic() - started
-    time.sleep(1)
+    wait_quiet(
+        node,
+        "slots, queue, tasks or fds never came back down after the load",
+        tasks=before["gguf_appliance_event_loop_tasks"] + 2,
+        fds=before["process_open_fds"] + 4,
+    )
     after = gauges(node)
     assert sum(outcomes.values()) == 1000
     assert set(outcomes) <= {"200", "400", "cut"}, outcomes  # no 5xx, no 503 with this queue

@@ -19,7 +19,7 @@ from playwright.sync_api import Browser, Page, Route, expect, sync_playwright
 from gguf_appliance.api.endpoint import event_json
 from gguf_appliance.api.sse import PING, frame
 
-from .conftest import RunningServer, slot_held
+from .conftest import RunningServer, slot_held, wait_until
 from .sse import cut_at
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
@@ -98,9 +98,9 @@ def test_stop_ends_the_answer_and_the_server_stops(page: Page, server: RunningSe
     assert server.metric("gguf_appliance_busy_slots") == 1
     page.click("#stop")
     expect(answer.locator(".stats")).to_have_text("stopped")
-    time.sleep(0.5)
-    assert server.metric("gguf_appliance_busy_slots") == 0
+    wait_until(lambda: server.metric("gguf_appliance_busy_slots") == 0, 10, "the slot never freed")
     tokens = server.metric("gguf_appliance_completion_tokens_total")
+    # The window is the test: nothing more is generated over the next half second.
     time.sleep(0.5)
     assert server.metric("gguf_appliance_completion_tokens_total") == tokens
 
@@ -146,7 +146,16 @@ def test_markup_in_messages_and_answers_runs_nothing(page: Page, server: Running
     answer = page.locator("#log li.assistant").nth(1)
     expect(answer).to_contain_text('<img src=x onerror="window.__pwned=3">')
     expect(answer).to_contain_text("<b>bold?</b>")
-    time.sleep(0.3)
+    # Had the markup made an <img src=x>, its onerror would run once loading x fails. An image
+    # of our own with the same src, made after theirs, fails too: once its handler has run, theirs
+    # would have. (It marks the page rather than a variable for wait_for_function to poll: that
+    # polls with eval, which the page's CSP refuses.)
+    page.evaluate("""() => {
+        const control = new Image();
+        control.onerror = () => { document.documentElement.dataset.controlFailed = 'yes'; };
+        control.src = 'x';
+    }""")
+    expect(page.locator("html")).to_have_attribute("data-control-failed", "yes")
     assert page.evaluate("window.__pwned") is None
     assert page.locator("#log img, #log script, #log b").count() == 0
 
