@@ -41,7 +41,7 @@ def test_an_ordinary_chat_tokenizes_as_the_whole_rendered_template_would(engine:
         {"role": "user", "content": "Another, in French? \u00e9t\u00e9 \U0001f600"},
     ]
     assert model._chat is not None
-    rendered = model._chat(messages=messages).prompt
+    rendered = model._chat.render(messages)
     whole = model.tokenize(rendered, add_special=True, parse_special=True)
     assert model.chat_prompt(messages) == whole
 
