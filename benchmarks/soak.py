@@ -219,7 +219,14 @@ INVALID: list[tuple[str, str, dict[str, Any], int]] = [
         {"json": {"prompt": "hi", "model": "other.gguf"}, "headers": AUTH},
         404,
     ),
-    ("POST", "/v1/completions", {"json": {"prompt": "hi", "n": 3}, "headers": AUTH}, 400),
+    ("POST", "/v1/completions", {"json": {"prompt": "hi", "n": 10**6}, "headers": AUTH}, 400),
+    ("POST", "/v1/completions", {"json": {"prompt": [10**9]}, "headers": AUTH}, 400),
+    (
+        "POST",
+        "/v1/chat/completions",
+        {"json": {"messages": [], "logit_bias": {}}, "headers": AUTH},
+        400,
+    ),
     (
         "POST",
         "/v1/chat/completions",
