@@ -168,6 +168,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--listen", default="127.0.0.1:8080", help="NGINX's address")
     parser.add_argument("--nodes", default=",".join(NODES), help="three node addresses")
     args = parser.parse_args(argv)
+    # Ctrl-C must reach this even when the parent had SIGINT blocked: a signal mask passes on
+    # through fork and exec (seen: a test run whose process had it blocked never stopped).
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
     addresses = tuple(args.nodes.split(","))
     threads = os.environ.get("GGUF_APPLIANCE_THREADS") or str(
         max(1, (os.cpu_count() or 1) // len(addresses))
