@@ -17,7 +17,7 @@ from gguf_appliance.errors import InvalidRequest, QueueFull
 from gguf_appliance.grammar import Constraint
 from gguf_appliance.llama import LlamaModel, SamplingParams
 
-from .conftest import RunningServer, make_engine
+from .conftest import RunningServer, make_engine, wait_for_condition
 
 COLOURS = [{"role": "user", "content": "Name three colours."}]
 STORY = [{"role": "user", "content": "Write a very long story about a dragon."}]
@@ -121,7 +121,10 @@ def test_a_request_of_n_waits_for_n_free_slots_and_later_ones_wait_behind_it(
         # does not pass the pair), so a third would be one too many.
         with pytest.raises(QueueFull):
             engine4.submit(story, GenerationParams(4), timeout=120)
-        await asyncio.sleep(0.5)
+        # Three slots busy (the holders), the pair and the single queued behind the free one.
+        await wait_for_condition(
+            lambda: engine4.busy_slots == 3, 10, "the holders never took their slots"
+        )
         assert engine4.busy_slots == 3 and engine4.queue_depth == 2
         tasks = [
             asyncio.ensure_future(follow(n, g)) for n, g in (("pair", pair), ("single", single))

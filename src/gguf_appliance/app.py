@@ -23,7 +23,6 @@ from .api.auth import AuthMiddleware
 from .api.endpoint import on_appliance_error, on_http_error
 from .api.messages import messages as anthropic_messages
 from .api.security_headers import SecurityHeadersMiddleware
-from .downloads import redact_source
 from .embeddings import EmbeddingService
 from .engine import Engine, engine_config
 from .errors import ApplianceError, ModelError
@@ -31,20 +30,14 @@ from .keys import ApiKeys
 from .metrics import Metrics
 from .resources import static_dir
 from .settings import Settings
-from .sources import fetch_model, resolve_source
+from .sources import fetch_in_thread, source_name
 from .systemd import SystemdNotifier
 
 log = logging.getLogger("gguf_appliance.app")
 
 
 def _model_id(settings: Settings) -> str:
-    if settings.model_alias:
-        return settings.model_alias
-    try:
-        name = resolve_source(settings.model, settings.models_dir).name
-    except ModelError:
-        name = redact_source(settings.model).rstrip("/").rsplit("/", 1)[-1]
-    return name.removesuffix(".gguf")
+    return settings.model_alias or source_name(settings.model, settings.models_dir)
 
 
 def create_app(settings: Settings) -> Starlette:
@@ -61,14 +54,12 @@ def create_app(settings: Settings) -> Starlette:
 
     async def load_model() -> None:
         try:
-            info = await asyncio.to_thread(
-                fetch_model,
+            path = await fetch_in_thread(
                 settings.model,
                 settings.models_dir,
-                sha256=settings.model_sha256,
-                progress_interval=settings.progress_interval,
+                settings.model_sha256,
+                settings.progress_interval,
             )
-            path = info.path
             # The embedder loads in the lifespan, before the chat engine, not lazily: when
             # /health/ready says 200 every route answers, and a bad EMBEDDING_MODEL shows at
             # start (in readiness and `systemctl status`), not on some later request.

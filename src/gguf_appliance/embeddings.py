@@ -42,6 +42,7 @@ from .errors import (
     QueueFull,
 )
 from .llama import _init_backend
+from .sources import fetch_in_thread, source_name
 
 if TYPE_CHECKING:
     from .settings import Settings
@@ -262,33 +263,17 @@ class Embedder:
                 self.model = None
 
 
-def source_name(source: str, models_dir: Path) -> str:
-    """A model source's id, as /v1/models shows it: the file name without `.gguf`."""
-    from .downloads import redact_source
-    from .sources import resolve_source
-
-    try:
-        name = resolve_source(source, models_dir).name
-    except ModelError:
-        name = redact_source(source).rstrip("/").rsplit("/", 1)[-1]
-    return name.removesuffix(".gguf")
-
-
 async def load_embedder(settings: Settings, chat_model: Path) -> Embedder:
     """The embedder of these settings: `embedding_model`, fetched and verified like the chat
     model, or else the chat model's own file (mmap: its pages are shared). Off the loop."""
     path = chat_model
     if settings.embedding_model:
-        from .sources import fetch_model
-
-        info = await asyncio.to_thread(
-            fetch_model,
+        path = await fetch_in_thread(
             settings.embedding_model,
             settings.models_dir,
-            sha256=settings.embedding_model_sha256,
-            progress_interval=settings.progress_interval,
+            settings.embedding_model_sha256,
+            settings.progress_interval,
         )
-        path = info.path
     return await asyncio.to_thread(
         Embedder, path, n_ctx=settings.embedding_ctx, threads=settings.threads
     )
@@ -298,16 +283,10 @@ async def load_configured_embedder(settings: Settings) -> Embedder:
     """The settings' embedder, fetching the chat model only when it is the one embedding."""
     if settings.embedding_model:
         return await load_embedder(settings, Path())
-    from .sources import fetch_model
-
-    info = await asyncio.to_thread(
-        fetch_model,
-        settings.model,
-        settings.models_dir,
-        sha256=settings.model_sha256,
-        progress_interval=settings.progress_interval,
+    path = await fetch_in_thread(
+        settings.model, settings.models_dir, settings.model_sha256, settings.progress_interval
     )
-    return await load_embedder(settings, info.path)
+    return await load_embedder(settings, path)
 
 
 class EmbeddingService:

@@ -76,17 +76,13 @@ def engine_config(settings: Settings) -> EngineConfig:
 
 async def load_configured_model(engine: Engine, settings: Settings) -> Path:
     """Fetch (or find) and verify the settings' model, then load it; both off the event loop."""
-    from .sources import fetch_model
+    from .sources import fetch_in_thread
 
-    info = await asyncio.to_thread(
-        fetch_model,
-        settings.model,
-        settings.models_dir,
-        sha256=settings.model_sha256,
-        progress_interval=settings.progress_interval,
+    path = await fetch_in_thread(
+        settings.model, settings.models_dir, settings.model_sha256, settings.progress_interval
     )
-    await asyncio.to_thread(engine.load, info.path, settings.chat_template)
-    return info.path
+    await asyncio.to_thread(engine.load, path, settings.chat_template)
+    return path
 
 
 def _close_unclaimed(task: asyncio.Future[Grammar]) -> None:

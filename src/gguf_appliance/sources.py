@@ -352,3 +352,24 @@ def _fetch_one(
     os.replace(staged, dest)
     _mark_verified(dest, expected)
     return replace(info, path=dest)
+
+
+async def fetch_in_thread(
+    source: str, models_dir: Path, sha256: str | None, progress_interval: float
+) -> Path:
+    """`fetch_model` off the event loop; the verified file's path."""
+    import asyncio
+
+    info = await asyncio.to_thread(
+        fetch_model, source, models_dir, sha256=sha256, progress_interval=progress_interval
+    )
+    return info.path
+
+
+def source_name(source: str, models_dir: Path) -> str:
+    """A model source's id, as /v1/models shows it: the file name without `.gguf`."""
+    try:
+        name = resolve_source(source, models_dir).name
+    except ModelError:
+        name = redact_source(source).rstrip("/").rsplit("/", 1)[-1]
+    return name.removesuffix(".gguf")
