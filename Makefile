@@ -7,7 +7,7 @@ PORT ?= 8000
 # llama-cpp-python compiles from source; build on every core (pip caches the wheel after).
 export CMAKE_BUILD_PARALLEL_LEVEL ?= $(shell nproc)
 
-.PHONY: help install system-deps run test boot-test lint format clean readme bench checkov pool soak
+.PHONY: help install system-deps run test boot-test lint format clean readme bench checkov pool soak vendor
 
 help:
 	@echo "make run    serve the chat page and API on http://$(HOST):$(PORT)/ (bundled model)"
@@ -109,6 +109,11 @@ soak: install
 
 clean:
 	rm -rf $(VENV) $(BASELINE) $(CHECKOV_VENV) build dist .mypy_cache .ruff_cache .pytest_cache
+
+# Fetch the chat page's libraries again from the npm registry into static/vendor/ (their versions,
+# licences and sha256 in static/vendor/manifest.json); LATEST=1 takes each one's newest version.
+vendor:
+	$(PYTHON) tools/vendor_static.py $(if $(LATEST),--latest)
 
 # Rewrite the README's settings table from the settings model (a test checks they agree).
 readme: install
