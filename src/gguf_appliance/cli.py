@@ -1,4 +1,4 @@
-"""The `gguf-appliance` command: serve, fetch, info, settings."""
+"""The `gguf-appliance` command: serve, fetch, info, settings, bench."""
 
 from __future__ import annotations
 
@@ -143,6 +143,49 @@ def cmd_batch(args: argparse.Namespace) -> int:
     return 0 if summary.failed == 0 else 3
 
 
+def _counts(text: str) -> tuple[int, ...]:
+    try:
+        counts = tuple(sorted({int(x) for x in text.split(",") if x.strip()}))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a comma-separated list of numbers: {text}") from None
+    if not counts or counts[0] < 1 or counts[-1] > 256:
+        raise argparse.ArgumentTypeError(f"each count must be 1 to 256: {text}")
+    return counts
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 4096:
+        raise argparse.ArgumentTypeError(f"must be a whole number from 1 to 4096: {text}")
+    return int(text)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import BenchOptions, default_sequences, default_threads, format_report, measure
+    from .settings import physical_cores
+    from .sources import fetch_model
+
+    settings = _settings(args, model=args.model)
+    configure_logging(settings.log_level, settings.log_format)
+    path = fetch_model(
+        settings.model,
+        settings.models_dir,
+        sha256=settings.model_sha256,
+        progress_interval=settings.progress_interval,
+    ).path
+    options = BenchOptions(
+        threads=args.threads or default_threads(physical_cores()),
+        sequences=args.sequences or default_sequences(settings.n_slots),
+        prompt_tokens=args.prompt_tokens,
+        gen_tokens=args.gen_tokens,
+        rounds=args.rounds,
+    )
+    result = measure(path, options)
+    print(format_report(result))
+    if args.json is not None:
+        args.json.write_text(json.dumps(result.as_dict(), indent=2) + "\n")
+    return 0
+
+
 def settings_markdown() -> str:
     """A table of every setting: its variable, default and description (for the README)."""
     rows = ["| Variable | Default | Description |", "| --- | --- | --- |"]
@@ -263,6 +306,28 @@ def build_parser() -> argparse.ArgumentParser:
         "--checkpoint-seconds", type=float, default=30.0, help="remote output upload interval"
     )
     batch.set_defaults(func=cmd_batch)
+
+    bench = sub.add_parser(
+        "bench",
+        help="measure this node's speed and print the settings that suit it",
+        description="Measure prompt reading and generation rates of the model at several thread "
+        "counts and sequences per batch, print them as a table and recommend THREADS, N_SLOTS "
+        "and whether another quantisation of the model suits this CPU better. Run it on an "
+        "idle node (stop gguf-appliance first). Under an emulator it says its figures are "
+        "meaningless. The default run takes about a minute with the bundled model.",
+    )
+    bench.add_argument("--model", default=None, help="model source (default: settings)")
+    bench.add_argument(
+        "--threads", type=_counts, help="thread counts, e.g. 1,2,3 (default: around the cores)"
+    )
+    bench.add_argument(
+        "--sequences", type=_counts, help="sequences per batch, e.g. 1,4,8 (default: up to slots)"
+    )
+    bench.add_argument("--prompt-tokens", type=_positive, default=64, help="prompt length (64)")
+    bench.add_argument("--gen-tokens", type=_positive, default=32, help="tokens generated (32)")
+    bench.add_argument("--rounds", type=_positive, default=2, help="runs per cell, best kept (2)")
+    bench.add_argument("--json", type=Path, default=None, help="also write the results here")
+    bench.set_defaults(func=cmd_bench)
 
     settings = sub.add_parser("settings", help="print the effective settings")
     settings.add_argument("--markdown", action="store_true", help="the table of every setting")

@@ -51,6 +51,12 @@ def _init_backend() -> None:
         _backend_ready = True
 
 
+def build_features() -> str:
+    """What this build of llama.cpp uses of the CPU: `NEON = 1 | DOTPROD = 1 | ...`."""
+    _init_backend()
+    return " ".join(bytes(C.llama_print_system_info()).decode().split())
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     temperature: float = 0.8
@@ -429,6 +435,10 @@ class LlamaModel:
 
     def decode(self, batch: Batch) -> int:
         return int(C.llama_decode(self.ctx, batch.raw))
+
+    def set_threads(self, threads: int) -> None:
+        """Decode with this many threads from the next step on (the benchmark's sweep)."""
+        C.llama_set_n_threads(self.ctx, threads, threads)
 
     def close(self) -> None:
         if self.ctx:
