@@ -7,7 +7,7 @@ PORT ?= 8000
 # llama-cpp-python compiles from source; build on every core (pip caches the wheel after).
 export CMAKE_BUILD_PARALLEL_LEVEL ?= $(shell nproc)
 
-.PHONY: help install system-deps run test boot-test lint format clean readme bench checkov pool soak vendor
+.PHONY: help install system-deps run test boot-test lint format clean readme bench checkov pool soak arm64-wheel vendor
 
 help:
 	@echo "make run    serve the chat page and API on http://$(HOST):$(PORT)/ (bundled model)"
@@ -88,6 +88,21 @@ lint: install
 format: install
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
+
+# llama-cpp-python cross-compiled for aarch64 with Debian's cross compilers (issue #20): a
+# py3-none-linux_aarch64 wheel in $(ARM64_WHEELS) for the Arm features OCI's A1 and A2 share
+# (dot product, fp16; docs/arm.md). No pip cache: it would hand back this machine's x86 wheel.
+ARM64_WHEELS ?= build/arm64-wheels
+ARM64_ARCH ?= armv8.2-a+dotprod+fp16
+arm64-wheel: install
+	@command -v aarch64-linux-gnu-g++ >/dev/null 2>&1 || \
+		{ $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+		  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq g++-aarch64-linux-gnu; }
+	CMAKE_ARGS="-DCMAKE_SYSTEM_NAME=Linux -DCMAKE_SYSTEM_PROCESSOR=aarch64 \
+		-DCMAKE_C_COMPILER=aarch64-linux-gnu-gcc -DCMAKE_CXX_COMPILER=aarch64-linux-gnu-g++ \
+		-DGGML_NATIVE=OFF -DGGML_CPU_ARM_ARCH=$(ARM64_ARCH)" _PYTHON_HOST_PLATFORM=linux-aarch64 \
+		$(BIN)/pip wheel --no-deps --no-binary :all: --no-cache-dir -w $(ARM64_WHEELS) \
+		llama-cpp-python==0.3.36
 
 # Benchmarks (not part of the tests): gguf-appliance next to llama-cpp-python's own server,
 # which runs from a venv of its own so its pins cannot move ours.
