@@ -168,8 +168,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--listen", default="127.0.0.1:8080", help="NGINX's address")
     parser.add_argument("--nodes", default=",".join(NODES), help="three node addresses")
     args = parser.parse_args(argv)
-    # Ctrl-C must reach this even when the parent had SIGINT blocked: a signal mask passes on
-    # through fork and exec (seen: a test run whose process had it blocked never stopped).
+    # Ctrl-C must reach this even when started with SIGINT ignored or blocked: both pass on
+    # through fork and exec, and Python keeps an ignored SIGINT ignored. A non-interactive shell
+    # ignores SIGINT in what it starts with `&` (seen: a test run started so never stopped).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
     addresses = tuple(args.nodes.split(","))
     threads = os.environ.get("GGUF_APPLIANCE_THREADS") or str(

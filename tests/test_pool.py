@@ -276,6 +276,17 @@ def test_a_full_node_sends_requests_to_the_others(start_pool: Any) -> None:
         holder.join(60)
 
 
+def children(pid: int) -> list[int]:
+    """The processes whose parent is `pid` (NGINX's workers outlive a killed master)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[1]) == pid:
+                found.append(int(stat.parent.name))
+    return found
+
+
 def test_make_pool_serves_through_nginx_and_ctrl_c_stops_everything(tmp_path: Path) -> None:
     listen = free_address("127.0.0.1")
     nodes = ",".join(free_address(f"127.0.0.{31 + i}") for i in range(3))
@@ -290,7 +301,9 @@ def test_make_pool_serves_through_nginx_and_ctrl_c_stops_everything(tmp_path: Pa
     )
     assert script.stdout is not None
     lines: list[str] = []
-    reader = threading.Thread(target=lambda: lines.extend(script.stdout or []))
+    # A daemon: an NGINX worker orphaned by a failed run holds the pipe open, and pytest must
+    # still be able to exit.
+    reader = threading.Thread(target=lambda: lines.extend(script.stdout or []), daemon=True)
     reader.start()
     try:
         wait_for(lambda: any("Ctrl-C stops" in line for line in lines) or None, 120, "ready")
@@ -304,9 +317,10 @@ def test_make_pool_serves_through_nginx_and_ctrl_c_stops_everything(tmp_path: Pa
         assert script.wait(timeout=60) == 0
     finally:
         if script.poll() is None:
+            left = pids + [child for parent in pids for child in children(parent)]
             os.killpg(script.pid, signal.SIGKILL)
             script.wait()
-            for pid in pids:
+            for pid in left:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
         reader.join(10)
