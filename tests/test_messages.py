@@ -172,11 +172,15 @@ def test_a_named_tool_without_parallel_use_is_called_once(client: anthropic.Anth
 
 
 def test_a_stop_sequence_ends_the_answer(client: anthropic.Anthropic) -> None:
-    reply = create(client, messages=HELLO, stop_sequences=[" "], max_tokens=32)
+    stops = {"messages": HELLO, "stop_sequences": ["never said", " "], "max_tokens": 32}
+    reply = create(client, **stops)
     [block] = reply.content
     assert " " not in block.text
-    # The engine does not say which stop string (or the model) ended the answer: end_turn.
-    assert (reply.stop_reason, reply.stop_sequence) == ("end_turn", None)
+    assert (reply.stop_reason, reply.stop_sequence) == ("stop_sequence", " ")
+    with client.messages.stream(**greedy(stops)) as streamed:
+        final = streamed.get_final_message()
+    assert (final.stop_reason, final.stop_sequence) == ("stop_sequence", " ")
+    assert final.content[0].type == "text" and final.content[0].text == block.text
 
 
 def refused(call: Any) -> str:

@@ -11,7 +11,7 @@ import httpx
 import openai
 import pytest
 
-from gguf_appliance.chat_format import GenericAnswer
+from gguf_appliance.chat_format import GENERIC
 
 from .conftest import RunningServer
 
@@ -285,14 +285,14 @@ def test_the_streaming_reader_gives_the_same_answer_piece_by_piece() -> None:
         '{"tool_calls": [{"name": "get_weather", "arguments": {"city": "Par\\u00e9s \\"x\\"", '
         '"days": [1, 2]}}, {"name": "get_time", "arguments": {"city": "Oslo"}}]}'
     )
-    whole = GenericAnswer()
+    whole = GENERIC.reader()
     whole.feed(raw)
     _, calls = whole.result()
     assert [(c.name, json.loads(c.arguments)) for c in calls] == [
         ("get_weather", {"city": 'Par\u00e9s "x"', "days": [1, 2]}),
         ("get_time", {"city": "Oslo"}),
     ]
-    pieces = GenericAnswer()
+    pieces = GENERIC.reader()
     got: dict[int, list[Any]] = {}
     for char in raw:
         text, deltas = pieces.feed(char)
@@ -304,7 +304,7 @@ def test_the_streaming_reader_gives_the_same_answer_piece_by_piece() -> None:
     assert [tuple(v) for v in got.values()] == [(c.name, c.arguments) for c in calls]
 
     response = '{"response": "caf\\u00e9 \\n\\"ok\\""}'
-    reader, text = GenericAnswer(), ""
+    reader, text = GENERIC.reader(), ""
     for char in response:
         piece, deltas = reader.feed(char)
         assert deltas == []

@@ -36,6 +36,33 @@ from .systemd import SystemdNotifier
 log = logging.getLogger("gguf_appliance.app")
 
 
+# What a browser may send cross-origin: the key (either way), the body's type, a request id, and
+# the headers the official OpenAI and Anthropic JavaScript clients add in a browser.
+CORS_HEADERS = [
+    "Authorization",
+    "Content-Type",
+    "X-Request-ID",
+    "x-api-key",
+    "anthropic-version",
+    "anthropic-beta",
+    "anthropic-dangerous-direct-browser-access",
+    *(
+        f"x-stainless-{name}"
+        for name in (
+            "arch",
+            "lang",
+            "os",
+            "package-version",
+            "runtime",
+            "runtime-version",
+            "retry-count",
+            "timeout",
+            "helper-method",
+        )
+    ),
+]
+
+
 def _model_id(settings: Settings) -> str:
     return settings.model_alias or source_name(settings.model, settings.models_dir)
 
@@ -127,7 +154,7 @@ def create_app(settings: Settings) -> Starlette:
                 CORSMiddleware,
                 allow_origins=settings.cors_origins,
                 allow_methods=["GET", "POST"],
-                allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
+                allow_headers=CORS_HEADERS,
                 expose_headers=["Retry-After", "X-Request-ID"],
             )
         )

@@ -68,21 +68,29 @@ def builtin_names() -> tuple[str, ...]:
 
 
 class ChatTemplate:
-    """Renders a conversation into the model's prompt text; `label` says which and whence."""
+    """Renders a conversation into the model's prompt text; `label` says which and whence,
+    `source` is the Jinja text (None for a template llama.cpp renders)."""
 
     label: str
+    source: str | None = None
 
-    def render(self, messages: Sequence[dict[str, Any]]) -> str:
+    def render(
+        self, messages: Sequence[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+    ) -> str:
         raise NotImplementedError
 
 
 class JinjaTemplate(ChatTemplate):
     def __init__(self, source: str, *, bos: str, eos: str, label: str) -> None:
         self.label = label
+        self.source = source
         self._formatter = Jinja2ChatFormatter(template=source, eos_token=eos, bos_token=bos)
 
-    def render(self, messages: Sequence[dict[str, Any]]) -> str:
-        return str(self._formatter(messages=cast(Any, list(messages))).prompt)
+    def render(
+        self, messages: Sequence[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+    ) -> str:
+        formatted = self._formatter(messages=cast(Any, list(messages)), tools=cast(Any, tools))
+        return str(formatted.prompt)
 
 
 class BuiltinTemplate(ChatTemplate):
@@ -90,7 +98,9 @@ class BuiltinTemplate(ChatTemplate):
         self.name = name
         self.label = label
 
-    def render(self, messages: Sequence[dict[str, Any]]) -> str:
+    def render(
+        self, messages: Sequence[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+    ) -> str:
         chat = (C.llama_chat_message * max(1, len(messages)))()
         keep = []  # the bytes the structs point to
         for i, message in enumerate(messages):

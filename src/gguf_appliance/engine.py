@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .chat_format import ToolSyntax, ToolUse, merge_turns
 from .errors import (
     ApplianceError,
     Draining,
@@ -132,13 +133,15 @@ class Engine:
         threading.Thread(target=self._warm_grammars, name="gguf-grammar-warm", daemon=True).start()
         self.load_seconds = time.monotonic() - started
         log.info(
-            "model loaded in %.2f s: %s, %d slots of %d tokens, %d threads, chat template %s",
+            "model loaded in %.2f s: %s, %d slots of %d tokens, %d threads, chat template %s, "
+            "tool calls %s",
             self.load_seconds,
             model_path.name,
             config.n_slots,
             self.model.n_ctx_seq,
             config.threads,
             self.model.chat_template,
+            self.model.tool_syntax.name,
         )
 
     def _done(self, done: DoneEvent) -> None:
@@ -221,6 +224,20 @@ class Engine:
     def tokenize_messages(self, messages: Sequence[dict[str, Any]]) -> list[int]:
         return self._require_model().chat_prompt(messages)
 
+    @property
+    def tool_syntax(self) -> ToolSyntax:
+        """How the loaded model's chat template has it call tools."""
+        return self._require_model().tool_syntax
+
+    def tokenize_chat(
+        self, messages: list[dict[str, Any]], use: ToolUse | None, *, merge: bool = False
+    ) -> list[int]:
+        """A conversation with tools (chat_format's form of messages), rendered as the model's
+        template takes them; `merge`: consecutive turns of one role as one."""
+        model = self._require_model()
+        chat, tools = model.tool_syntax.prompt(messages, use)
+        return model.chat_prompt(merge_turns(chat) if merge else chat, tools)
+
     def tokenize_prompt(self, prompt: str) -> list[int]:
         return self._require_model().text_prompt(prompt)
 
@@ -251,6 +268,7 @@ class Engine:
             param=constraint.field,
             step_limit=config.grammar_step_limit,
             hard_limit=config.grammar_hard_limit,
+            trigger=constraint.trigger,
         )
 
     async def prepare_grammar(self, constraint: Constraint) -> Grammar:

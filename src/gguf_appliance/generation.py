@@ -71,6 +71,7 @@ class DoneEvent:
     tokens_per_second: float | None
     duration: float
     choice_reasons: tuple[str, ...] = ()  # each choice's finish reason, by its index
+    stop_sequence: str | None = None  # the stop string that ended the first choice, if one did
 
 
 @dataclass(frozen=True)
@@ -97,6 +98,7 @@ class Job:
     grammar: Grammar | None = None  # loaded at submit; closed by the scheduler
     # The scheduler thread's tally of the choices while they run.
     reasons: list[str] = field(default_factory=list)  # by choice; "" while it runs
+    stop_sequence: str | None = None  # the first choice's, once it stopped on one
     running: int = 0
     generated: int = 0
     cached: int = 0

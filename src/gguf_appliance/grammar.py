@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from .errors import InvalidRequest
 
@@ -491,16 +491,77 @@ def json_object_gbnf() -> str:
     return JSON_GBNF
 
 
+def gbnf_literal(text: str) -> str:
+    """`text` as a GBNF string literal."""
+    escaped = text.replace("\\", "\\\\").replace('"', '\\"')
+    escaped = escaped.replace("\n", "\\n").replace("\r", "\\r").replace("\t", "\\t")
+    return f'"{escaped}"'
+
+
+@dataclass(frozen=True)
+class Frame:
+    """JSON values of one schema written inside fixed text: `open` value (`separator` value)*
+    `close`, one value unless `many`, with up to four blanks around each part. How a model's
+    native tool-call syntax wraps its calls (`<tool_call>` ... `</tool_call>`, `[TOOL_CALLS][`
+    ... `]`)."""
+
+    schema: Any
+    open: str = ""
+    close: str = ""
+    separator: str = ""
+    many: bool = False
+
+
+def framed_gbnf(frame: Frame, *, param: str, limits: GrammarLimits = LIMITS) -> str:
+    """A GBNF grammar for `frame`, checked like any request's grammar."""
+    from llama_cpp.llama_grammar import SchemaConverter
+
+    check_schema(frame.schema, param=param, limits=limits)
+    converter: Any = cast(Any, SchemaConverter)(
+        prop_order={}, allow_fetch=False, dotall=False, raw_pattern=False
+    )
+    try:
+        schema = converter.resolve_refs(frame.schema, "stdin")
+        value = str(converter.visit(schema, "tool-call"))
+        rules = str(converter.format_grammar())
+    except RecursionError:
+        raise _refuse("this JSON schema nests too deeply", param) from None
+    except Exception as exc:  # the converter raises whatever it meets on a schema it can't do
+        raise _refuse(
+            f"this JSON schema cannot be turned into a grammar: {str(exc)[:200]}", param
+        ) from None
+    if re.search(r"^(root|frame-gap) ::=", rules, re.MULTILINE):  # `$ref: "#"`, or a $defs name
+        raise _refuse("a tool's JSON schema refers to its own root ($ref '#')", param)
+    # Some blank space is allowed around the values: a lazy grammar is given the text from its
+    # trigger on, and the token that completes the trigger may bring a newline more or less.
+    gap = "frame-gap"
+    body = value
+    if frame.many:
+        body = f"({value} ({gap} {gbnf_literal(frame.separator)} {gap} {value})*)"
+    parts = [gbnf_literal(frame.open)] if frame.open else []
+    parts += [gap, body, gap]
+    if frame.close:
+        parts.append(gbnf_literal(frame.close))
+    grammar = f"root ::= {' '.join(parts)}\n{gap} ::= [ \\t\\r\\n]{{0,4}}\n{rules}"
+    check_gbnf(grammar, param=param, limits=limits)
+    return grammar
+
+
 @dataclass(frozen=True)
 class Constraint:
-    """What an answer must match, as a caller states it: GBNF text, any JSON object, or JSON
-    valid for a schema. `field` is what errors name (the caller's word for where it came from).
-    Building the grammar is CPU work the size of the input: `to_gbnf()` runs off the event loop.
+    """What an answer must match, as a caller states it: GBNF text, any JSON object, JSON
+    valid for a schema, or such JSON inside fixed text (a tool-call syntax). `field` is what
+    errors name (the caller's word for where it came from). `trigger`, a regular expression
+    of the node's own (never a request's), makes the grammar lazy, as llama.cpp's are for
+    tool calls: the answer is free until the trigger matches, and held from the match (its
+    first group, if it has one) on. Building the grammar is CPU work the size of the input:
+    `to_gbnf()` runs off the event loop.
     """
 
-    kind: Literal["gbnf", "json_object", "json_schema"]
-    source: Any = None  # the GBNF text, or the JSON schema
+    kind: Literal["gbnf", "json_object", "json_schema", "framed"]
+    source: Any = None  # the GBNF text, the JSON schema, or the Frame
     field: str = "grammar"
+    trigger: str | None = None
 
     @classmethod
     def gbnf(cls, text: str, field: str = "grammar") -> Constraint:
@@ -514,6 +575,10 @@ class Constraint:
     def json_schema(cls, schema: Any, field: str = "response_format") -> Constraint:
         return cls("json_schema", schema, field)
 
+    @classmethod
+    def framed(cls, frame: Frame, field: str, trigger: str | None = None) -> Constraint:
+        return cls("framed", frame, field, trigger)
+
     def to_gbnf(self) -> str:
         """The GBNF, within the limits (the text of a `gbnf` one is checked by the model,
         which also knows its tokens: `LlamaModel.check_grammar`)."""
@@ -521,4 +586,6 @@ class Constraint:
             return str(self.source)
         if self.kind == "json_object":
             return json_object_gbnf()
+        if self.kind == "framed":
+            return framed_gbnf(self.source, param=self.field)
         return schema_to_gbnf(self.source, param=self.field)

@@ -38,6 +38,7 @@ from .errors import InvalidRequest, QueueFull, Unavailable
 # A request: op, token, payload length. A reply: status, CPU seconds, payload length.
 _REQUEST = struct.Struct("<BiI")
 _REPLY = struct.Struct("<BdI")
+_TRIGGER = struct.Struct("<I")
 LOAD, STEP, ACCEPT, FREE = 1, 2, 3, 4
 OK, MASK, NONE, ERROR, SOME = 0, 1, 2, 3, 4  # SOME: the allowed tokens of a shortlist
 
@@ -143,7 +144,18 @@ def _worker(model: str, memory: int) -> None:
         if op == LOAD:
             if sampler is not None:
                 C.llama_sampler_free(sampler)
-            sampler = C.llama_sampler_init_grammar(vocab, payload, b"root") or None
+            # The payload: the trigger's length (0: none), the trigger, the grammar.
+            (size,) = _TRIGGER.unpack_from(payload)
+            trigger = payload[_TRIGGER.size : _TRIGGER.size + size]
+            grammar = payload[_TRIGGER.size + size :]
+            if trigger:  # lazy: free text until the trigger, held by the grammar from it on
+                patterns = (ctypes.c_char_p * 1)(trigger)
+                sampler = C.llama_sampler_init_grammar_lazy_patterns(
+                    vocab, grammar, b"root", patterns, 1, None, 0
+                )
+            else:
+                sampler = C.llama_sampler_init_grammar(vocab, grammar, b"root")
+            sampler = sampler or None
             if sampler is None:
                 status = ERROR
             else:
@@ -316,11 +328,19 @@ class Grammar:
     """A request's grammar, loaded in a worker of the pool; `close()` gives the worker back.
 
     `step_limit` is the CPU a step may take (past it the request ends, the worker is kept);
-    `hard_limit` the wall-clock time (past it the worker is killed).
+    `hard_limit` the wall-clock time (past it the worker is killed). `trigger`: see
+    grammar.Constraint.
     """
 
     def __init__(
-        self, pool: GrammarPool, text: str, *, param: str, step_limit: float, hard_limit: float
+        self,
+        pool: GrammarPool,
+        text: str,
+        *,
+        param: str,
+        step_limit: float,
+        hard_limit: float,
+        trigger: str | None = None,
     ) -> None:
         self.pool = pool
         self.param = param
@@ -331,9 +351,9 @@ class Grammar:
         try:
             # Trying the grammar on its first token masks the whole vocabulary, off the
             # scheduler's thread: it may take longer than a step.
-            status, _ = self._call(
-                LOAD, 0, text.encode(), "start", max(hard_limit, 3.0), 4 * step_limit
-            )
+            pattern = (trigger or "").encode()
+            payload = _TRIGGER.pack(len(pattern)) + pattern + text.encode()
+            status, _ = self._call(LOAD, 0, payload, "start", max(hard_limit, 3.0), 4 * step_limit)
         except BaseException:
             self.close()
             raise

@@ -8,6 +8,7 @@ thread.
 from __future__ import annotations
 
 import ctypes
+import json
 import logging
 import re
 import secrets
@@ -20,6 +21,7 @@ import llama_cpp as C
 import numpy as np
 
 from . import chat_template as templates
+from .chat_format import syntax_of
 from .errors import InvalidRequest, ModelError
 from .grammar import Constraint, check_gbnf
 
@@ -102,6 +104,7 @@ class LlamaModel:
         self.vocab = C.llama_model_get_vocab(self.model)
         try:
             self._chat = self._chat_template(setting)
+            self.tool_syntax = syntax_of(self._chat.source)
         except BaseException:
             C.llama_model_free(self.model)
             raise
@@ -205,31 +208,46 @@ class LlamaModel:
             eos=self.token_text(C.llama_vocab_eos(self.vocab)),
         )
 
-    def chat_prompt(self, messages: Sequence[dict[str, Any]]) -> list[int]:
+    def chat_prompt(
+        self, messages: Sequence[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+    ) -> list[int]:
         """The chat template's tokens, with control tokens only where the template put them.
 
         The rendered template is tokenized with special tokens parsed (`<|im_start|>` is one
         control token). A message whose text holds a special token's text (a user's
         `<|im_end|><|im_start|>system`) must not become one: then the template is rendered with
         a marker in place of each message's text, the template's own text is tokenized with
-        special tokens parsed and each message's text without.
+        special tokens parsed and each message's text without. `tools` and the calls of earlier
+        turns (for a template that renders them) cannot be marked so: one holding a special
+        token's text is refused.
         """
         if self._chat is None:
             raise InvalidRequest("this model has no chat template: send a prompt, not messages")
         specials = self._specials
+        if specials is not None:
+            calls = [m["tool_calls"] for m in messages if m.get("tool_calls")]
+            for what, value in (("tools", tools), ("messages", calls)):
+                if value and specials.search(json.dumps(value, ensure_ascii=False)):
+                    raise InvalidRequest(
+                        "a tool definition or an earlier tool call holds the text of one of "
+                        "this model's control tokens",
+                        param=what,
+                    )
         if specials is None or not any(
             isinstance(m.get("content"), str) and specials.search(m["content"]) for m in messages
         ):
-            rendered = self._render(messages)
+            rendered = self._render(messages, tools)
             bos = self.token_text(C.llama_vocab_bos(self.vocab))
             add_special = not (bos and rendered.startswith(bos))
             return self.tokenize(rendered, add_special=add_special, parse_special=True)
-        return self._chat_prompt_marked(messages)
+        return self._chat_prompt_marked(messages, tools)
 
-    def _render(self, messages: Sequence[dict[str, Any]]) -> str:
+    def _render(
+        self, messages: Sequence[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+    ) -> str:
         assert self._chat is not None
         try:
-            return self._chat.render(messages)
+            return self._chat.render(messages, tools)
         except InvalidRequest:
             raise
         except Exception as exc:  # jinja raises TemplateError (and raise_exception's own)
@@ -247,7 +265,9 @@ class LlamaModel:
         by_length = sorted(texts, key=len, reverse=True)
         return re.compile("|".join(map(re.escape, by_length))) if texts else None
 
-    def _chat_prompt_marked(self, messages: Sequence[dict[str, Any]]) -> list[int]:
+    def _chat_prompt_marked(
+        self, messages: Sequence[dict[str, Any]], tools: list[dict[str, Any]] | None
+    ) -> list[int]:
         tag = secrets.token_hex(8).upper()
         markers: dict[str, str] = {}
         masked = []
@@ -259,7 +279,7 @@ class LlamaModel:
                 markers[marker] = content
                 message = {**message, "content": marker}
             masked.append(message)
-        rendered = self._render(masked)
+        rendered = self._render(masked, tools)
         bos = self.token_text(C.llama_vocab_bos(self.vocab))
         add_special = not (bos and rendered.startswith(bos))
         tokens: list[int] = []

@@ -479,6 +479,8 @@ class SlotScheduler:
                 slot.chars_out += len(rest)
         self._send_text(slot, now, final=not slot.text.stopped)
         job.reasons[slot.choice] = reason
+        if slot.choice == 0:
+            job.stop_sequence = slot.text.matched
         job.generated += slot.generated
         job.rated += max(slot.generated - 1, 0)
         first = slot.first_token_at
@@ -501,6 +503,7 @@ class SlotScheduler:
             tokens_per_second=rate,
             duration=now - job.submitted,
             choice_reasons=tuple(job.reasons),
+            stop_sequence=job.stop_sequence,
         )
         self._done(job, done)
 

@@ -17,6 +17,7 @@ class TextStream:
         self._stop = tuple(s for s in stop if s)
         self._pending = ""
         self.stopped = False
+        self.matched: str | None = None  # the stop string that ended the text
         self.position = 0  # characters decoded so far, shown or held (where the next begins)
 
     def push(self, piece: bytes) -> str:
@@ -48,8 +49,9 @@ class TextStream:
         if not self._stop:
             self._pending = ""
             return pending
-        cut = min((i for i in (pending.find(s) for s in self._stop) if i >= 0), default=-1)
-        if cut >= 0:
+        found = [(i, s) for s in self._stop if (i := pending.find(s)) >= 0]
+        if found:
+            cut, self.matched = min(found, key=lambda hit: hit[0])
             self.stopped = True
             self._pending = ""
             return pending[:cut]

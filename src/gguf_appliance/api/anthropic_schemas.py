@@ -15,14 +15,12 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
-    PrivateAttr,
     ValidationInfo,
     field_validator,
     model_validator,
 )
 
-from ..chat_format import Tool, ToolCall, ToolUse, tool_constraint
-from ..grammar import Constraint
+from ..chat_format import Tool, ToolCall, ToolUse
 from ..llama import SamplingParams
 from .schemas import FunctionName, Sampling, StopString
 
@@ -206,15 +204,6 @@ class ThinkingDisabled(_Body):
     type: Literal["disabled"]
 
 
-class _ToolSampling(Sampling):
-    """The node's sampling for a Messages request: its grammar is the tools' (or none)."""
-
-    _tools: Constraint | None = PrivateAttr(None)
-
-    def constraint(self) -> Constraint | None:
-        return self._tools
-
-
 class MessagesRequest(_Body):
     """POST /v1/messages. Sampling defaults are the node's (temperature 0.8, top_p 0.95,
     top_k 40); stop_sequences at most 8."""
@@ -300,8 +289,8 @@ class MessagesRequest(_Body):
         return out
 
     def sampling(self) -> Sampling:
-        """What the engine gets: the node's Sampling, with the tools' grammar if any."""
-        sampling = _ToolSampling.model_validate(
+        """What the engine gets: the node's Sampling (the tools' grammar is added by start)."""
+        return Sampling.model_validate(
             {
                 "max_tokens": self.max_tokens,
                 "temperature": self.temperature,
@@ -310,10 +299,6 @@ class MessagesRequest(_Body):
                 "stop": self.stop_sequences,
             }
         )
-        use = self.tool_use()
-        if use is not None and use.offered:
-            sampling._tools = tool_constraint(use)
-        return sampling
 
 
 # The answers, for the OpenAPI document (tests hold the real ones against them).
@@ -337,7 +322,7 @@ class ToolUseBlock(_Answer):
 
 
 ContentBlock = Annotated[TextBlock | ToolUseBlock, Field(discriminator="type")]
-StopReason = Literal["end_turn", "max_tokens", "tool_use"]
+StopReason = Literal["end_turn", "max_tokens", "tool_use", "stop_sequence"]
 
 
 class MessagesUsage(_Answer):
@@ -351,10 +336,8 @@ class AnthropicMessage(_Answer):
     role: Literal["assistant"]
     content: list[ContentBlock] = Field(description="Text, or tool_use blocks; empty for none.")
     model: str
-    stop_reason: StopReason = Field(
-        description="end_turn also for a stop sequence: the engine does not say which ended it."
-    )
-    stop_sequence: None = Field(description="Always null (see stop_reason).")
+    stop_reason: StopReason
+    stop_sequence: str | None = Field(description="Which of stop_sequences ended the answer.")
     usage: MessagesUsage
 
 
@@ -403,7 +386,7 @@ class ContentBlockStopEvent(_Answer):
 
 class MessageDelta(_Answer):
     stop_reason: StopReason
-    stop_sequence: None
+    stop_sequence: str | None
 
 
 class OutputUsage(_Answer):

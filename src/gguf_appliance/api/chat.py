@@ -7,8 +7,8 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from ..chat_format import GenericAnswer, ToolCall, template_messages
-from ..engine import DoneEvent, Event, TokenEvent
+from ..chat_format import AnswerReader, ToolCall
+from ..engine import DoneEvent, Engine, Event, TokenEvent
 from .endpoint import collect, error_body, event_json, read_body, start, stream
 from .models import check_model
 from .openai import Choices, chat_choice, chat_logprobs, chunks, finish_reason, header, usage
@@ -21,14 +21,20 @@ async def chat_completions(request: Request) -> Response:
     check_model(request, body.model)
     use = body.tool_use()
     tools_on = use is not None and bool(use.offered)
-    messages = template_messages([m.as_chat_message() for m in body.messages], use)
+    messages = [m.as_chat_message() for m in body.messages]
     generation = await start(
-        request, body, lambda engine: engine.tokenize_messages(messages), prompt_field="messages"
+        request,
+        body,
+        lambda engine: engine.tokenize_chat(messages, use),
+        prompt_field="messages",
+        tools=use,
     )
+    engine: Engine = request.app.state.engine
     base = header(request, "chatcmpl-", "chat.completion.chunk")
     if body.stream:
         if tools_on:
-            render = _tool_chunks(base, body.include_usage, bool(body.logprobs))
+            reader = engine.tool_syntax.reader()
+            render = _tool_chunks(reader, base, body.include_usage, bool(body.logprobs))
             return stream(request, generation, render)
         started: set[int] = set()
 
@@ -48,7 +54,7 @@ async def chat_completions(request: Request) -> Response:
     message: dict[str, Any] = {"role": "assistant", "content": text}
     reason = finish_reason(done)
     if tools_on:
-        answer = GenericAnswer()
+        answer = engine.tool_syntax.reader()
         answer.feed(text)
         content, calls = answer.result()
         message = {"role": "assistant", "content": content}
@@ -78,11 +84,12 @@ def _call(call: ToolCall) -> dict[str, Any]:
     }
 
 
-def _tool_chunks(base: dict[str, Any], include_usage: bool, logprobs: bool = False) -> Any:
-    """OpenAI's chunks for an answer read as the generic form: its text as `content` deltas,
-    each call as a delta with its id and name, then its arguments in pieces (`logprobs`: each
-    event's tokens' in a chunk of their own, with an empty delta)."""
-    answer = GenericAnswer()
+def _tool_chunks(
+    answer: AnswerReader, base: dict[str, Any], include_usage: bool, logprobs: bool = False
+) -> Any:
+    """OpenAI's chunks for an answer read by `answer`: its text as `content` deltas, each call
+    as a delta with its id and name, then its arguments in pieces (`logprobs`: each event's
+    tokens' in a chunk of their own, with an empty delta)."""
     started = False
 
     def delta_frame(delta: dict[str, Any], reason: str | None = None) -> bytes:
@@ -115,11 +122,16 @@ def _tool_chunks(base: dict[str, Any], include_usage: bool, logprobs: bool = Fal
                 frames.append(frame(event_json({**base, "choices": [scored]})))
             return b"".join(frames)
         if isinstance(event, DoneEvent):
+            rest = answer.finish()
+            frames = []
+            if rest:
+                delta = {"content": rest} if started else {"role": "assistant", "content": rest}
+                frames.append(delta_frame(delta))
             _, calls = answer.result()
             reason = finish_reason(event)
             if calls and event.finish_reason == "stop":
                 reason = "tool_calls"
-            frames = [delta_frame({}, reason)]
+            frames.append(delta_frame({}, reason))
             if include_usage:
                 frames.append(frame(event_json({**base, "choices": [], "usage": usage(event)})))
             frames.append(frame("[DONE]"))

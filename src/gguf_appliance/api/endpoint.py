@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import json
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
@@ -14,6 +15,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 
+from ..chat_format import ToolUse
 from ..engine import DoneEvent, Engine, Event, Generation, GenerationParams, TokenEvent
 from ..errors import (
     ApplianceError,
@@ -109,16 +111,21 @@ async def start(
     *,
     prompt_field: str,
     max_tokens_field: str = "max_tokens",
+    tools: ToolUse | None = None,
 ) -> Generation:
     """Tokenize and build the grammar (both off the event loop), then submit on the app's
     engine with the body's parameters. Raises ApplianceError before any response; errors
     about the prompt name `prompt_field`, the body's field that holds it, and those about
     the answer's length `max_tokens_field`. `tokenize` gives a prompt's tokens, or a tuple
-    of prompts (one request, `n` choices each)."""
+    of prompts (one request, `n` choices each). With `tools` offered, the answer is held by
+    the grammar of a call in the model's tool-call syntax."""
     engine: Engine = request.app.state.engine
     settings: Settings = request.app.state.settings
     params = _generation_params(request, body)
     try:
+        if tools is not None and tools.offered:
+            sampling = replace(params.sampling, grammar=engine.tool_syntax.constraint(tools))
+            params = replace(params, sampling=sampling)
         engine.check_params(params)
         tokenized = await asyncio.to_thread(tokenize, engine)
         prompts = list(tokenized) if isinstance(tokenized, tuple) else [tokenized]
@@ -222,13 +229,18 @@ def error_body(error: ApplianceError) -> dict[str, Any]:
     }
 
 
-def error_response(error: ApplianceError) -> JSONResponse:
+def error_response(
+    error: ApplianceError, shape: Callable[[ApplianceError], dict[str, Any]] | None = None
+) -> JSONResponse:
+    """The error's answer: its status, the body in `shape` (OpenAI's error body by default),
+    Retry-After for a 503 that knows when, WWW-Authenticate for a 401."""
     headers = {}
     if isinstance(error, Unavailable) and error.retry_after is not None:
         headers["Retry-After"] = str(error.retry_after)
     if isinstance(error, Unauthorized):
         headers["WWW-Authenticate"] = 'Bearer realm="gguf-appliance"'
-    return JSONResponse(error_body(error), status_code=error.status_code, headers=headers)
+    body = (shape or error_body)(error)
+    return JSONResponse(body, status_code=error.status_code, headers=headers)
 
 
 async def on_appliance_error(request: Request, exc: Exception) -> Response:

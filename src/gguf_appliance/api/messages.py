@@ -21,9 +21,10 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from ..chat_format import GenericAnswer, template_messages
+from ..chat_format import AnswerReader
 from ..engine import DoneEvent, Engine, Event, TokenEvent
-from ..errors import ApplianceError, InvalidRequest, Unauthorized, Unavailable
+from ..errors import ApplianceError, InvalidRequest
+from . import endpoint
 from .anthropic_schemas import MessagesRequest
 from .endpoint import collect, event_json, read_body, start, stream
 from .models import check_model, model_id
@@ -50,12 +51,7 @@ def error_body(error: ApplianceError) -> dict[str, Any]:
 
 
 def error_response(error: ApplianceError) -> JSONResponse:
-    headers = {}
-    if isinstance(error, Unavailable) and error.retry_after is not None:
-        headers["Retry-After"] = str(error.retry_after)
-    if isinstance(error, Unauthorized):
-        headers["WWW-Authenticate"] = 'Bearer realm="gguf-appliance"'
-    return JSONResponse(error_body(error), status_code=error.status_code, headers=headers)
+    return endpoint.error_response(error, error_body)
 
 
 class _Object(BaseModel):
@@ -90,15 +86,16 @@ async def _messages(request: Request) -> Response:
     check_model(request, body.model)
     use = body.tool_use()
     tools_on = use is not None and bool(use.offered)
-    chat = _merge_turns(template_messages(body.chat_messages(), use))
+    chat = body.chat_messages()
     counted: list[int] = []
 
     def tokenize(engine: Engine) -> list[int]:
-        tokens = engine.tokenize_messages(chat)
+        tokens = engine.tokenize_chat(chat, use, merge=True)
         counted.append(len(tokens))
         return tokens
 
-    generation = await start(request, body.sampling(), tokenize, prompt_field="messages")
+    generation = await start(request, body.sampling(), tokenize, prompt_field="messages", tools=use)
+    engine: Engine = request.app.state.engine
     message: dict[str, Any] = {
         "id": "msg_" + uuid.uuid4().hex,
         "type": "message",
@@ -110,12 +107,13 @@ async def _messages(request: Request) -> Response:
         "usage": {"input_tokens": counted[0], "output_tokens": 0},
     }
     if body.stream:
-        return stream(request, generation, _Events(message, tools_on))
+        reader = engine.tool_syntax.reader() if tools_on else None
+        return stream(request, generation, _Events(message, reader))
     text, done = await collect(request, generation)
     content: list[dict[str, Any]] = [{"type": "text", "text": text}] if text else []
     calls = False
     if tools_on:
-        answer = GenericAnswer()
+        answer = engine.tool_syntax.reader()
         answer.feed(text)
         reply, tool_calls = answer.result()
         content = [{"type": "text", "text": reply}] if reply else []
@@ -123,25 +121,27 @@ async def _messages(request: Request) -> Response:
         calls = bool(tool_calls)
     usage = {"input_tokens": done.prompt_tokens, "output_tokens": done.completion_tokens}
     reason = _stop_reason(done, calls)
-    return JSONResponse({**message, "content": content, "stop_reason": reason, "usage": usage})
-
-
-def _merge_turns(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Consecutive turns of one role as one, as Anthropic's API takes them (a user's tool
-    results and the text after them; templates that insist on turns taken in turn)."""
-    out: list[dict[str, Any]] = []
-    for message in messages:
-        if out and out[-1]["role"] == message["role"] and message["role"] != "system":
-            out[-1] = {**out[-1], "content": out[-1]["content"] + "\n\n" + message["content"]}
-        else:
-            out.append(message)
-    return out
+    return JSONResponse(
+        {
+            **message,
+            "content": content,
+            "stop_reason": reason,
+            "stop_sequence": _stop_sequence(done, reason),
+            "usage": usage,
+        }
+    )
 
 
 def _stop_reason(done: DoneEvent, calls: bool) -> str:
     if done.finish_reason == "stop":
-        return "tool_use" if calls else "end_turn"
+        if calls:
+            return "tool_use"
+        return "end_turn" if done.stop_sequence is None else "stop_sequence"
     return "max_tokens"
+
+
+def _stop_sequence(done: DoneEvent, reason: str) -> str | None:
+    return done.stop_sequence if reason == "stop_sequence" else None
 
 
 def _toolu(call_id: str) -> str:
@@ -171,9 +171,9 @@ class _Events:
     piece of the answer (the text; each tool call, its input as JSON text in pieces), then
     message_delta with the stop reason and message_stop; an error as an `error` event."""
 
-    def __init__(self, message: dict[str, Any], tools_on: bool) -> None:
+    def __init__(self, message: dict[str, Any], answer: AnswerReader | None) -> None:
         self.message = message
-        self.answer = GenericAnswer() if tools_on else None
+        self.answer = answer
         self.started = False
         self.index = -1  # the open block's
         self.open: str | None = None  # its type
@@ -186,9 +186,12 @@ class _Events:
         if isinstance(event, TokenEvent):
             self._token(event.text, out)
         elif isinstance(event, DoneEvent):
+            if self.answer is not None:
+                self._text(self.answer.finish(), out)
             self._close(out)
             calls = self.answer is not None and bool(self.answer.result()[1])
-            delta = {"stop_reason": _stop_reason(event, calls), "stop_sequence": None}
+            reason = _stop_reason(event, calls)
+            delta = {"stop_reason": reason, "stop_sequence": _stop_sequence(event, reason)}
             usage = {"output_tokens": event.completion_tokens}
             out.append(_event({"type": "message_delta", "delta": delta, "usage": usage}))
             out.append(_event({"type": "message_stop"}))
@@ -202,11 +205,7 @@ class _Events:
             text = piece
         else:
             text, deltas = self.answer.feed(piece)
-        if text:
-            if self.open != "text":
-                self._start({"type": "text", "text": ""}, out)
-            delta = {"type": "text_delta", "text": text}
-            out.append(_event({"type": "content_block_delta", "index": self.index, "delta": delta}))
+        self._text(text, out)
         for call, name, arguments in deltas:
             if name is not None:
                 assert self.answer is not None
@@ -216,6 +215,13 @@ class _Events:
                 out.append(
                     _event({"type": "content_block_delta", "index": self.index, "delta": delta})
                 )
+
+    def _text(self, text: str, out: list[bytes]) -> None:
+        if text:
+            if self.open != "text":
+                self._start({"type": "text", "text": ""}, out)
+            delta = {"type": "text_delta", "text": text}
+            out.append(_event({"type": "content_block_delta", "index": self.index, "delta": delta}))
 
     def _start(self, block: dict[str, Any], out: list[bytes]) -> None:
         self._close(out)

@@ -24,8 +24,8 @@ from pydantic import (
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from ..chat_format import GenericAnswer, Tool, ToolCall, ToolUse, template_messages, tool_constraint
-from ..engine import DoneEvent, Event, TokenEvent
+from ..chat_format import Tool, ToolCall, ToolUse
+from ..engine import DoneEvent, Engine, Event, TokenEvent
 from ..grammar import Constraint
 from .endpoint import collect, error_body, event_json, read_body, start, stream
 from .models import check_model, model_id
@@ -185,9 +185,6 @@ class ResponsesRequest(Sampling):
         return ToolUse(tools, choice, self.parallel_tool_calls)
 
     def constraint(self) -> Constraint | None:
-        use = self.tool_use()
-        if use is not None and use.offered:
-            return tool_constraint(use)
         fmt = self.text.format if self.text else None
         if fmt is not None and fmt.type == "json_object":
             return Constraint.json_object(field="text.format")
@@ -223,19 +220,21 @@ async def responses(request: Request) -> Response:
     body = await read_body(request, ResponsesRequest)
     check_model(request, body.model)
     use = body.tool_use()
-    messages = template_messages(body.messages(), use)
+    messages = body.messages()
     generation = await start(
         request,
         body,
-        lambda engine: engine.tokenize_messages(messages),
+        lambda engine: engine.tokenize_chat(messages, use),
         prompt_field="input",
         max_tokens_field="max_output_tokens",
+        tools=use,
     )
     answer = _Answer(request, body, tools_on=use is not None and bool(use.offered))
     if body.stream:
         return stream(request, generation, answer.events())
     text, done = await collect(request, generation)
     answer.feed(text)
+    answer.finish()
     return JSONResponse(answer.response(done))
 
 
@@ -245,7 +244,8 @@ class _Answer:
     def __init__(self, request: Request, body: ResponsesRequest, *, tools_on: bool) -> None:
         self.body = body
         self.tools_on = tools_on
-        self.reader = GenericAnswer() if tools_on else None
+        engine: Engine = request.app.state.engine
+        self.reader = engine.tool_syntax.reader() if tools_on else None
         self.text = ""
         self.id = "resp_" + uuid.uuid4().hex
         self.message_id = "msg_" + uuid.uuid4().hex
@@ -259,6 +259,12 @@ class _Answer:
         text, calls = self.reader.feed(piece)
         self.text += text
         return text, calls
+
+    def finish(self) -> str:
+        """At the end: the text `feed` held back (it might have opened a call)."""
+        rest = "" if self.reader is None else self.reader.finish()
+        self.text += rest
+        return rest
 
     def calls(self) -> list[ToolCall]:
         return [] if self.reader is None else self.reader.result()[1]
@@ -284,10 +290,10 @@ class _Answer:
         }
 
     def output(self) -> list[dict[str, Any]]:
+        """A message with the text (unless the answer is only calls), then the calls."""
         calls = self.calls()
-        if calls:
-            return [self._call_item(i, c, "completed") for i, c in enumerate(calls)]
-        return [self._message("completed")]
+        message = [self._message("completed")] if self.text or not calls else []
+        return message + [self._call_item(i, c, "completed") for i, c in enumerate(calls)]
 
     def response(self, done: DoneEvent | None, status: str | None = None) -> dict[str, Any]:
         body = self.body
@@ -351,8 +357,9 @@ class _Answer:
                 frames.append(
                     event("response.in_progress", response=self.response(None, "in_progress"))
                 )
-            if isinstance(ev, TokenEvent):
-                text, calls = self.feed(ev.text)
+
+            def add_text(text: str) -> None:
+                nonlocal opened_message
                 if text:
                     if not opened_message:
                         opened_message = True
@@ -369,6 +376,11 @@ class _Answer:
                             "response.output_text.delta", **message_ref(), delta=text, logprobs=[]
                         )
                     )
+
+            if isinstance(ev, TokenEvent):
+                text, calls = self.feed(ev.text)
+                add_text(text)
+                first = 1 if opened_message else 0  # a message before the calls
                 for index, name, piece in calls:
                     if name is not None:
                         assert self.reader is not None
@@ -377,7 +389,9 @@ class _Answer:
                         opened_calls.append(item["id"])
                         arguments.append("")
                         frames.append(
-                            event("response.output_item.added", output_index=index, item=item)
+                            event(
+                                "response.output_item.added", output_index=first + index, item=item
+                            )
                         )
                     if piece:
                         arguments[index] += piece
@@ -385,12 +399,14 @@ class _Answer:
                             event(
                                 "response.function_call_arguments.delta",
                                 item_id=opened_calls[index],
-                                output_index=index,
+                                output_index=first + index,
                                 delta=piece,
                             )
                         )
                 return b"".join(frames)
             if isinstance(ev, DoneEvent):
+                add_text(self.finish())
+                first = 1 if opened_message else 0
                 if opened_message:
                     part = {"type": "output_text", "text": self.text, "annotations": []}
                     frames.append(
@@ -425,7 +441,7 @@ class _Answer:
                         event(
                             "response.function_call_arguments.done",
                             item_id=opened_calls[index],
-                            output_index=index,
+                            output_index=first + index,
                             name=call.name,
                             arguments=call.arguments,
                         )
@@ -433,7 +449,7 @@ class _Answer:
                     frames.append(
                         event(
                             "response.output_item.done",
-                            output_index=index,
+                            output_index=first + index,
                             item=self._call_item(index, call, "completed"),
                         )
                     )

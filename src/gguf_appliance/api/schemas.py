@@ -21,7 +21,7 @@ from pydantic import (
     model_validator,
 )
 
-from ..chat_format import Tool, ToolCall, ToolUse, tool_constraint
+from ..chat_format import Tool, ToolCall, ToolUse
 from ..errors import InvalidRequest
 from ..generation import GenerationParams
 from ..grammar import LIMITS, Constraint
@@ -329,12 +329,6 @@ class ChatCompletionRequest(_OpenAIRequest):
             Tool(t.function.name, t.function.description, t.function.parameters) for t in self.tools
         )
         return ToolUse(tools, choice, self.parallel_tool_calls)
-
-    def constraint(self) -> Constraint | None:
-        use = self.tool_use()
-        if use is not None and use.offered:
-            return tool_constraint(use)
-        return super().constraint()
 
     @model_validator(mode="after")
     def _max_tokens_alias(self) -> ChatCompletionRequest:
