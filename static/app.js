@@ -1,7 +1,11 @@
-// The chat page over POST /generate. The whole conversation goes to the server as messages; the
-// answer streams back as server-sent events (token, then done or error). Model output is
-// untrusted: it is only ever set as text (textContent / text nodes), never parsed as HTML.
+// The chat page over POST /generate. The conversation (as much of it as fits in the node's
+// context) goes to the server as messages; the answer streams back as server-sent events (token,
+// then done or error) and is shown as Markdown while it streams (markdown.js: sanitized before
+// it reaches the DOM). Conversations are kept in this browser (store.js: IndexedDB).
 import { serverEvents } from "./sse.js";
+import { copyText, renderMarkdown } from "./markdown.js";
+import { fitToContext, learnFromUsage } from "./context.js";
+import * as store from "./store.js";
 
 const $ = (id) => document.getElementById(id);
 const log = $("log");
@@ -12,6 +16,10 @@ const stopButton = $("stop");
 const statusLine = $("status");
 const settingsForm = $("settings");
 const settingsToggle = $("settings-toggle");
+const chatsPanel = $("chats");
+const chatsToggle = $("chats-toggle");
+const chatList = $("chat-list");
+const chatSearch = $("chat-search");
 const fields = {
   system: $("system-prompt"),
   temperature: $("temperature"),
@@ -19,9 +27,20 @@ const fields = {
   apiKey: $("api-key"),
 };
 const SETTINGS_KEY = "gguf-appliance.settings";
-let history = [];
+const CURRENT_KEY = "gguf-appliance.current-chat";
+let chat = blankChat();
 let controller = null;
 let keyProblem = null; // what is wrong with the API key, while the node refuses it
+let limits = null; // {context_length, max_prompt_tokens} from /v1/models, once known
+
+function blankChat() {
+  const now = Date.now();
+  return { id: store.newId(), title: "New chat", created: now, updated: now, messages: [] };
+}
+
+function announce(text) {
+  $("announce").textContent = text;
+}
 
 // --- settings, remembered in this browser ---
 
@@ -45,6 +64,8 @@ function saveSettings() {
     apiKey: fields.apiKey.value.trim(),
   }));
 }
+
+const maxTokens = () => Math.max(1, Math.trunc(Number(fields.maxTokens.value)) || 512);
 
 // The API key, when one is set, goes with every request (the node may protect /health too).
 function authHeaders() {
@@ -83,26 +104,44 @@ function describeKeyProblem() {
     : "This node needs an API key: enter it under Settings.";
 }
 
-// Ask for a key as soon as the node wants one, not only after a message fails. (Focus moves to
-// the key field only when asked: never while someone types elsewhere.)
+// Ask for a key as soon as the node wants one, not only after a message fails (focus moves to
+// the key field only when asked: never while someone types elsewhere). The model's card also
+// says how much context a request has.
 async function checkKey({ focus = false } = {}) {
   try {
     const response = await fetch("v1/models", { cache: "no-store", headers: authHeaders() });
     keyProblem = response.status === 401 ? describeKeyProblem() : null;
     if (keyProblem && focus) askForKey();
+    if (response.ok) {
+      const card = (await response.json()).data?.[0];
+      if (Number.isInteger(card?.context_length) && Number.isInteger(card?.max_prompt_tokens)) {
+        limits = { context_length: card.context_length, max_prompt_tokens: card.max_prompt_tokens };
+      }
+    }
   } catch { /* refreshStatus says the node cannot be reached */ }
   await refreshStatus();
 }
 
-// --- the conversation ---
+// --- the conversation on screen ---
 
-function addEntry(role, text) {
+function button(label, className, onClick, ariaLabel) {
+  const b = document.createElement("button");
+  b.type = "button";
+  b.className = className;
+  b.textContent = label;
+  if (ariaLabel) b.setAttribute("aria-label", ariaLabel);
+  b.addEventListener("click", onClick);
+  return b;
+}
+
+function entry(role) {
   const item = document.createElement("li");
   item.className = role;
-  item.setAttribute("aria-label", role === "user" ? "You" : "Model");
-  item.append(document.createTextNode(text));
-  log.append(item);
-  item.scrollIntoView({ block: "end" });
+  const names = { user: "You", assistant: "Model", notice: "Note" };
+  item.setAttribute("aria-label", names[role] ?? role);
+  const content = document.createElement("div");
+  content.className = "content";
+  item.append(content);
   return item;
 }
 
@@ -112,6 +151,97 @@ function addStats(item, text) {
   stats.textContent = text;
   item.append(stats);
 }
+
+function messageEntry(message, index) {
+  const item = entry(message.role);
+  item.dataset.index = index;
+  const content = item.firstChild;
+  if (message.role === "assistant") content.append(renderMarkdown(message.content));
+  else content.textContent = message.content;
+  if (message.stats) addStats(item, message.stats);
+  const actions = document.createElement("div");
+  actions.className = "actions";
+  if (message.role === "user") actions.append(button("Edit", "edit", () => startEdit(index), "Edit this message"));
+  if (message.role === "assistant" && index === lastAnswerIndex()) {
+    actions.append(button("Regenerate", "regenerate", regenerate, "Regenerate this answer"));
+  }
+  if (actions.childElementCount) item.append(actions);
+  return item;
+}
+
+const lastAnswerIndex = () => chat.messages.findLastIndex((m) => m.role === "assistant");
+
+function renderLog() {
+  log.replaceChildren(...chat.messages.map(messageEntry));
+  setBusy(Boolean(controller));
+}
+
+function setBusy(busy) {
+  sendButton.disabled = busy;
+  stopButton.disabled = !busy;
+  for (const b of log.querySelectorAll(".actions button")) b.disabled = busy;
+}
+
+// Copy buttons of code blocks, for every answer (also one still streaming).
+log.addEventListener("click", async (event) => {
+  const copy = event.target.closest?.(".copy-code");
+  if (!copy) return;
+  const code = copy.closest(".code-block").querySelector("code").textContent;
+  try {
+    await copyText(code);
+    copy.textContent = "Copied";
+    announce("Code copied to the clipboard.");
+  } catch {
+    copy.textContent = "Copy failed";
+    announce("The browser refused to copy.");
+  }
+  setTimeout(() => { copy.textContent = "Copy"; }, 2000);
+});
+
+function startEdit(index) {
+  if (controller) return;
+  const item = log.querySelector(`li[data-index="${index}"]`);
+  const editor = document.createElement("form");
+  editor.className = "editor";
+  const area = document.createElement("textarea");
+  area.value = chat.messages[index].content;
+  area.rows = Math.min(10, area.value.split("\n").length + 1);
+  area.setAttribute("aria-label", "Edit the message");
+  const save = document.createElement("button");
+  save.type = "submit";
+  save.textContent = "Send";
+  editor.append(area, save, button("Cancel", "cancel", renderLog));
+  editor.addEventListener("submit", (event) => {
+    event.preventDefault();
+    const text = area.value.trim();
+    if (!text || controller) return;
+    // The conversation continues from the edited message: what came after it goes.
+    chat.messages = chat.messages.slice(0, index);
+    chat.messages.push({ role: "user", content: text });
+    renderLog();
+    ask();
+  });
+  area.addEventListener("keydown", (event) => {
+    if (event.key === "Escape") renderLog();
+    else if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
+      event.preventDefault();
+      editor.requestSubmit();
+    }
+  });
+  item.replaceChildren(editor);
+  area.focus();
+}
+
+function regenerate() {
+  if (controller) return;
+  const lastUser = chat.messages.findLastIndex((m) => m.role === "user");
+  if (lastUser < 0) return;
+  chat.messages = chat.messages.slice(0, lastUser + 1);
+  renderLog();
+  ask();
+}
+
+// --- talking to the node ---
 
 function describeFailure(status, body, retryAfter) {
   const message = body?.error?.message ?? `HTTP ${status}`;
@@ -132,30 +262,55 @@ function describeDone(data) {
   return `${data.completion_tokens} tokens · first token ${ttft} · ${rate}${ending[data.finish_reason] ?? ""}`;
 }
 
-function requestMessages() {
-  const system = fields.system.value.trim();
-  return system ? [{ role: "system", content: system }, ...history] : history;
+async function saveChat(thread) {
+  thread.updated = Date.now();
+  try {
+    await store.putChat(thread);
+    if (thread === chat) localStorage.setItem(CURRENT_KEY, thread.id);
+  } catch { /* storage refused (private mode, full disk): the chat still works, unsaved */ }
+  await refreshChatList();
 }
 
-async function ask(text) {
-  history.push({ role: "user", content: text });
-  addEntry("user", text);
-  const answer = addEntry("assistant", "");
+// Ask for an answer to the conversation as it stands (its last message is the user's).
+async function ask() {
+  const thread = chat; // the chat this answer belongs to, even if another is opened meanwhile
+  const system = fields.system.value.trim();
+  const turns = thread.messages.filter((m) => m.role !== "notice");
+  const { send, dropped } = fitToContext({ system, messages: turns, limits, maxTokens: maxTokens(), base: thread.base });
+  if (dropped > 0) {
+    const notice = {
+      role: "notice",
+      content: `The ${dropped} oldest messages no longer fit in the model's context (${limits.context_length} tokens) ` +
+        "and were left out of this request: the model does not see them" + (system ? " (it still sees the system prompt)." : "."),
+    };
+    thread.messages.push(notice);
+    log.append(messageEntry(notice, thread.messages.length - 1));
+  }
+  if (thread.messages.filter((m) => m.role === "user").length === 1) thread.title = store.titleFrom(send.at(-1).content);
+  const answer = entry("assistant");
   answer.setAttribute("aria-busy", "true");
-  const body = answer.firstChild;
+  log.append(answer);
+  answer.scrollIntoView({ block: "end" });
+  const content = answer.firstChild;
+  let text = "";
+  let painted = true;
+  const paint = () => {
+    painted = true;
+    content.replaceChildren(renderMarkdown(text));
+  };
   controller = new AbortController();
-  sendButton.disabled = true;
-  stopButton.disabled = false;
+  setBusy(true);
   let failed = false;
   let keyRefused = false;
+  let done = null;
   try {
     const response = await fetch("generate", {
       method: "POST",
       headers: { "Content-Type": "application/json", ...authHeaders() },
       body: JSON.stringify({
-        messages: requestMessages(),
+        messages: system ? [{ role: "system", content: system }, ...send.map(asSent)] : send.map(asSent),
         temperature: Number(fields.temperature.value),
-        max_tokens: Math.max(1, Math.trunc(Number(fields.maxTokens.value)) || 512),
+        max_tokens: maxTokens(),
       }),
       signal: controller.signal,
     });
@@ -171,36 +326,179 @@ async function ask(text) {
     for await (const record of serverEvents(response)) {
       const event = record.event;
       const data = JSON.parse(record.data);
-      if (event === "token") body.appendData(data.text);
-      else if (event === "error") throw new Error(`The answer broke off: ${data.message}`);
-      else if (event === "done") addStats(answer, describeDone(data));
+      if (event === "token") {
+        text += data.text;
+        // Markdown is parsed again as the answer grows, at most once a frame.
+        if (painted) {
+          painted = false;
+          requestAnimationFrame(paint);
+        }
+      } else if (event === "error") throw new Error(`The answer broke off: ${data.message}`);
+      else if (event === "done") done = data;
     }
   } catch (error) {
-    if (error.name === "AbortError") {
-      addStats(answer, "stopped");
-    } else {
+    if (error.name !== "AbortError") {
       failed = true;
       answer.classList.add("error");
-      body.data = error instanceof TypeError ? "The network failed: check the connection and try again." : error.message;
+      content.textContent = error instanceof TypeError ? "The network failed: check the connection and try again." : error.message;
     }
   } finally {
     answer.removeAttribute("aria-busy");
-    // A failed turn leaves the conversation; a stopped one keeps what came.
-    if (failed) history.pop();
-    else history.push({ role: "assistant", content: body.data });
     controller = null;
-    sendButton.disabled = false;
-    stopButton.disabled = true;
+    if (failed) {
+      // A failed turn leaves the conversation: its message goes back to the box to send again.
+      const last = thread.messages.findLastIndex((m) => m.role === "user");
+      const [lost] = thread.messages.splice(last);
+      if (thread === chat) {
+        if (!prompt.value) prompt.value = lost.content;
+        log.querySelector(`li[data-index="${last}"] .actions`)?.remove();
+      }
+      setBusy(false);
+    } else {
+      // A stopped answer keeps what came.
+      const message = { role: "assistant", content: text, stats: done ? describeDone(done) : "stopped" };
+      if (done) {
+        message.tokens = done.completion_tokens + 6;
+        learnFromUsage({ chat: thread, system, sent: send, promptTokens: done.prompt_tokens });
+      }
+      thread.messages.push(message);
+      if (thread === chat) {
+        renderLog();
+        log.lastElementChild.scrollIntoView({ block: "end" });
+      }
+      await saveChat(thread);
+    }
     (keyRefused ? fields.apiKey : prompt).focus();
   }
 }
+
+const asSent = (message) => ({ role: message.role, content: message.content });
+
+// --- the list of kept conversations ---
+
+async function refreshChatList() {
+  let chats = [];
+  try {
+    chats = await store.listChats();
+  } catch { /* no IndexedDB here: the list stays empty */ }
+  const query = chatSearch.value.trim().toLowerCase();
+  const shown = query
+    ? chats.filter((c) => c.title.toLowerCase().includes(query) || c.messages.some((m) => m.content.toLowerCase().includes(query)))
+    : chats;
+  chatList.replaceChildren(...shown.map(chatListItem));
+  $("chat-list-empty").hidden = shown.length > 0;
+  $("chat-list-empty").textContent = query ? "No chat matches." : "No saved chats yet.";
+}
+
+function chatListItem(saved) {
+  const item = document.createElement("li");
+  item.dataset.id = saved.id;
+  const open = button(saved.title, "open-chat", () => openChat(saved.id));
+  if (saved.id === chat.id) open.setAttribute("aria-current", "true");
+  const rename = button("✎", "rename-chat", () => startRename(item, saved), `Rename “${saved.title}”`);
+  const remove = button("✕", "delete-chat", async () => {
+    // Two steps: the first press asks, the second deletes.
+    if (remove.dataset.armed !== "yes") {
+      remove.dataset.armed = "yes";
+      remove.textContent = "Delete?";
+      remove.setAttribute("aria-label", `Really delete “${saved.title}”? Press again to delete.`);
+      announce(`Press again to delete “${saved.title}”.`);
+      return;
+    }
+    await store.deleteChat(saved.id);
+    announce(`Deleted “${saved.title}”.`);
+    if (saved.id === chat.id) newChat();
+    await refreshChatList();
+  }, `Delete “${saved.title}”`);
+  item.append(open, rename, remove);
+  return item;
+}
+
+function startRename(item, saved) {
+  const input = document.createElement("input");
+  input.value = saved.title;
+  input.className = "rename-input";
+  input.setAttribute("aria-label", "New title (Enter saves, Escape cancels)");
+  let finished = false;
+  const finish = async (keep) => {
+    if (finished) return;
+    finished = true;
+    const title = input.value.trim();
+    if (keep && title) {
+      const fresh = (await store.getChat(saved.id)) ?? saved;
+      fresh.title = title.slice(0, 200);
+      await store.putChat(fresh);
+      if (saved.id === chat.id) chat.title = fresh.title;
+      announce(`Renamed to “${fresh.title}”.`);
+    }
+    await refreshChatList();
+    chatList.querySelector(`li[data-id="${CSS.escape(saved.id)}"] .open-chat`)?.focus();
+  };
+  input.addEventListener("keydown", (event) => {
+    if (event.key === "Enter") finish(true);
+    else if (event.key === "Escape") finish(false);
+  });
+  input.addEventListener("blur", () => finish(true));
+  item.replaceChildren(input);
+  input.focus();
+  input.select();
+}
+
+async function openChat(id) {
+  const saved = await store.getChat(id);
+  if (!saved) return;
+  controller?.abort();
+  chat = saved;
+  localStorage.setItem(CURRENT_KEY, id);
+  renderLog();
+  await refreshChatList();
+  closeChatsOnPhone();
+  prompt.focus();
+}
+
+function newChat() {
+  controller?.abort();
+  chat = blankChat();
+  localStorage.removeItem(CURRENT_KEY);
+  renderLog();
+  refreshChatList();
+  prompt.focus();
+}
+
+function closeChatsOnPhone() {
+  chatsPanel.classList.remove("open");
+  chatsToggle.setAttribute("aria-expanded", "false");
+}
+
+async function exportChats() {
+  const blob = new Blob([await store.exportChats()], { type: "application/json" });
+  const link = document.createElement("a");
+  link.href = URL.createObjectURL(blob);
+  link.download = `gguf-appliance-chats-${new Date().toISOString().slice(0, 10)}.json`;
+  link.click();
+  setTimeout(() => URL.revokeObjectURL(link.href), 10000);
+}
+
+async function importChats(file) {
+  try {
+    const added = await store.importChats(await file.text());
+    announce(`Imported ${added} chat${added === 1 ? "" : "s"}.`);
+  } catch (error) {
+    announce(`That file could not be imported: ${error.message}`);
+  }
+  await refreshChatList();
+}
+
+// --- wiring ---
 
 form.addEventListener("submit", (event) => {
   event.preventDefault();
   const text = prompt.value.trim();
   if (!text || controller) return;
   prompt.value = "";
-  ask(text);
+  chat.messages.push({ role: "user", content: text });
+  log.append(messageEntry(chat.messages.at(-1), chat.messages.length - 1));
+  ask();
 });
 prompt.addEventListener("keydown", (event) => {
   if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
@@ -209,19 +507,40 @@ prompt.addEventListener("keydown", (event) => {
   }
 });
 stopButton.addEventListener("click", () => controller?.abort());
-$("new-chat").addEventListener("click", () => {
-  controller?.abort();
-  history = [];
-  log.replaceChildren();
-  prompt.focus();
-});
+$("new-chat").addEventListener("click", newChat);
 settingsToggle.addEventListener("click", () => {
   settingsForm.hidden = !settingsForm.hidden;
   settingsToggle.setAttribute("aria-expanded", String(!settingsForm.hidden));
+});
+chatsToggle.addEventListener("click", () => {
+  const open = chatsPanel.classList.toggle("open");
+  chatsToggle.setAttribute("aria-expanded", String(open));
+  if (open) chatSearch.focus();
+});
+chatSearch.addEventListener("input", refreshChatList);
+$("export-chats").addEventListener("click", exportChats);
+$("import-chats").addEventListener("click", () => $("import-file").click());
+$("import-file").addEventListener("change", (event) => {
+  const [file] = event.target.files;
+  if (file) importChats(file);
+  event.target.value = "";
 });
 settingsForm.addEventListener("input", saveSettings);
 settingsForm.addEventListener("submit", (event) => event.preventDefault());
 fields.apiKey.addEventListener("change", () => checkKey());
 loadSettings();
+
+async function restoreCurrentChat() {
+  const id = localStorage.getItem(CURRENT_KEY);
+  try {
+    const saved = id && (await store.getChat(id));
+    if (saved) chat = saved;
+  } catch { /* no IndexedDB: start blank */ }
+  renderLog();
+  await refreshChatList();
+  document.body.dataset.ready = "yes";
+}
+
+restoreCurrentChat();
 checkKey({ focus: true });
 setInterval(refreshStatus, 10000);

@@ -76,7 +76,7 @@ def test_answer_streams_in_several_steps_with_stats(page: Page, server: RunningS
     expect(answer.locator(".stats")).to_contain_text("tokens · first token", timeout=30_000)
     assert page.evaluate("window.__changes") >= 5
     assert len(answer.inner_text()) > 40
-    expect(page.locator("#log li.user").first).to_have_text(
+    expect(page.locator("#log li.user .content").first).to_have_text(
         "Tell me about the sea in three sentences."
     )
     # Shift+Enter makes a new line instead of sending.
@@ -112,12 +112,12 @@ def test_japanese_renders_intact(page: Page, server: RunningServer) -> None:
     page.fill("#max-tokens", "48")
     mine = "日本語で挨拶してください。こんにちは、世界!🙂"
     send(page, mine)
-    expect(page.locator("#log li.user").first).to_have_text(mine)
+    expect(page.locator("#log li.user .content").first).to_have_text(mine)
     expect(page.locator("#log li.assistant .stats").first).to_be_visible(timeout=30_000)
     send(page, "Translate to Japanese: Good morning, my friend.")
     answer = page.locator("#log li.assistant").nth(1)
     expect(answer.locator(".stats")).to_be_visible(timeout=30_000)
-    text = answer.evaluate("node => node.firstChild.data")
+    text = answer.locator(".content").inner_text()
     assert any("\u3040" <= ch <= "\u9fff" for ch in text), text  # kana or kanji came out
     assert "\ufffd" not in text  # no character broken across tokens
     shot(page, "japanese")
@@ -127,7 +127,7 @@ def test_markup_in_messages_and_answers_runs_nothing(page: Page, server: Running
     page.goto(server.base_url + "/")
     evil = '<img src=x onerror="window.__pwned=1"><script>window.__pwned=2</script>'
     send(page, evil)
-    expect(page.locator("#log li.user").first).to_have_text(evil)
+    expect(page.locator("#log li.user .content").first).to_have_text(evil)
     expect(page.locator("#log li.assistant .stats").first).to_be_visible(timeout=30_000)
 
     # The model cannot be made to answer with markup on demand, so here (only here) the server's

@@ -32,8 +32,19 @@ async def models(request: Request) -> Response:
         "owned_by": "gguf-appliance",
     }
     if engine.ready and engine.model is not None:
-        # An extra field (clients ignore it): which chat template, and where it came from.
-        data.append({"id": model_id(request), **card, "chat_template": engine.model.chat_template})
+        # Extra fields (clients ignore them): which chat template, and where it came from; the
+        # context of a request and its longest prompt (the chat page drops old turns by them).
+        room = engine.slot_context
+        limit = request.app.state.settings.max_prompt_tokens
+        data.append(
+            {
+                "id": model_id(request),
+                **card,
+                "chat_template": engine.model.chat_template,
+                "context_length": room,
+                "max_prompt_tokens": room - 1 if limit is None else min(limit, room - 1),
+            }
+        )
     embedding: EmbeddingService = request.app.state.embeddings
     if engine.ready and embedding.model_id is not None:  # a model of its own for /v1/embeddings
         data.append({"id": embedding.model_id, **card})

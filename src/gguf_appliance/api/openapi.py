@@ -66,6 +66,18 @@ class ModelCard(_Response):
         "the CHAT_TEMPLATE setting, or guessed from the architecture); absent on an "
         "embedding model's card.",
     )
+    context_length: int | None = Field(
+        None,
+        ge=1,
+        description="Not OpenAI's: tokens of context per request, prompt and answer together; "
+        "absent on an embedding model's card.",
+    )
+    max_prompt_tokens: int | None = Field(
+        None,
+        ge=1,
+        description="Not OpenAI's: the longest prompt in tokens a request may have (a longer "
+        "one gets 400 `context_length_exceeded`); absent on an embedding model's card.",
+    )
 
 
 class ModelList(_Response):
