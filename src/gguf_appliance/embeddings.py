@@ -41,7 +41,7 @@ from .errors import (
     PromptTooLong,
     QueueFull,
 )
-from .llama import _init_backend
+from .llama import _init_backend, tokenize
 from .sources import fetch_in_thread, source_name
 
 if TYPE_CHECKING:
@@ -153,17 +153,7 @@ class Embedder:
     def tokenize(self, text: str) -> list[int]:
         """The text's tokens as the model wants them embedded: with its BOS/CLS and EOS/SEP
         if its vocabulary adds them; special tokens' text is read as text."""
-        try:
-            data = text.encode("utf-8")
-        except UnicodeEncodeError:
-            raise InvalidRequest("the text is not valid UTF-8 (a lone surrogate)") from None
-        n_max = len(data) + 8
-        tokens = (C.llama_token * n_max)()
-        n = C.llama_tokenize(self.vocab, data, len(data), tokens, n_max, True, False)
-        if n < 0:
-            tokens = (C.llama_token * -n)()
-            n = C.llama_tokenize(self.vocab, data, len(data), tokens, -n, True, False)
-        return list(tokens[:n])
+        return tokenize(self.vocab, text, add_special=True, parse_special=False)
 
     def check(self, inputs: Sequence[Sequence[int]], param: str = "input") -> None:
         """Raise InvalidRequest, naming `param`, unless every input can be embedded."""

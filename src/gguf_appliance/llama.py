@@ -59,6 +59,21 @@ def build_features() -> str:
     return " ".join(bytes(C.llama_print_system_info()).decode().split())
 
 
+def tokenize(vocab: Any, text: str, *, add_special: bool, parse_special: bool) -> list[int]:
+    """The text's tokens in a vocabulary (any thread: it is only read)."""
+    try:
+        data = text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidRequest("the text is not valid UTF-8 (a lone surrogate)") from None
+    n_max = len(data) + 8
+    tokens = (C.llama_token * n_max)()
+    n = C.llama_tokenize(vocab, data, len(data), tokens, n_max, add_special, parse_special)
+    if n < 0:
+        tokens = (C.llama_token * -n)()
+        n = C.llama_tokenize(vocab, data, len(data), tokens, -n, add_special, parse_special)
+    return list(tokens[:n])
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     temperature: float = 0.8
@@ -135,19 +150,7 @@ class LlamaModel:
     # --- text and tokens (any thread) ---
 
     def tokenize(self, text: str, *, add_special: bool, parse_special: bool) -> list[int]:
-        try:
-            data = text.encode("utf-8")
-        except UnicodeEncodeError:
-            raise InvalidRequest("the text is not valid UTF-8 (a lone surrogate)") from None
-        n_max = len(data) + 8
-        tokens = (C.llama_token * n_max)()
-        n = C.llama_tokenize(self.vocab, data, len(data), tokens, n_max, add_special, parse_special)
-        if n < 0:
-            tokens = (C.llama_token * -n)()
-            n = C.llama_tokenize(
-                self.vocab, data, len(data), tokens, -n, add_special, parse_special
-            )
-        return list(tokens[:n])
+        return tokenize(self.vocab, text, add_special=add_special, parse_special=parse_special)
 
     def token_text(self, token: int) -> str:
         if token < 0:  # a model without that token (no BOS, no EOS): llama.cpp would throw
