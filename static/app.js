@@ -276,12 +276,14 @@ async function ask() {
   const thread = chat; // the chat this answer belongs to, even if another is opened meanwhile
   const system = fields.system.value.trim();
   const turns = thread.messages.filter((m) => m.role !== "notice");
-  const { send, dropped } = fitToContext({ system, messages: turns, limits, maxTokens: maxTokens(), base: thread.base });
-  if (dropped > 0) {
+  const { send, dropped } = fitToContext({
+    system, messages: turns, limits, maxTokens: maxTokens(), base: thread.base, kept: thread.dropped ?? 0,
+  });
+  if (dropped > (thread.dropped ?? 0)) {
     const notice = {
       role: "notice",
       content: `The ${dropped} oldest messages no longer fit in the model's context (${limits.context_length} tokens) ` +
-        "and were left out of this request: the model does not see them" + (system ? " (it still sees the system prompt)." : "."),
+        "and are left out of what it is sent: it does not see them" + (system ? " (it still sees the system prompt)." : "."),
     };
     thread.messages.push(notice);
     log.append(messageEntry(notice, thread.messages.length - 1));
@@ -357,6 +359,7 @@ async function ask() {
     } else {
       // A stopped answer keeps what came.
       const message = { role: "assistant", content: text, stats: done ? describeDone(done) : "stopped" };
+      thread.dropped = dropped;
       if (done) {
         message.tokens = done.completion_tokens + 6;
         learnFromUsage({ chat: thread, system, sent: send, promptTokens: done.prompt_tokens });

@@ -16,18 +16,27 @@ export function promptBudget(limits, maxTokens) {
 }
 
 // The messages (user and assistant turns, the new user message last) that fit: {send, dropped}.
+// `kept`: how many the chat's last request left out. The window's start moves only when it must,
+// and then far enough (to REFILL of the budget) that the next few requests start alike and the
+// node reuses what it has read of them, instead of reading the whole prompt again every time.
 // Whole turns go, oldest first: a user message and the answers after it.
-export function fitToContext({ system, messages, limits, maxTokens, base }) {
+const REFILL = 0.75;
+
+export function fitToContext({ system, messages, limits, maxTokens, base, kept = 0 }) {
   if (!limits) return { send: messages, dropped: 0 };
   const budget = promptBudget(limits, maxTokens);
+  let start = Math.max(0, Math.min(kept, messages.length - 1));
+  while (start > 0 && messages[start].role !== "user") start -= 1;
   let total = (base ?? UNKNOWN_BASE) + (system ? estimateTokens(system) : 0);
-  for (const message of messages) total += messageTokens(message);
-  let start = 0;
-  while (total > budget && start < messages.length - 1) {
-    do {
-      total -= messageTokens(messages[start]);
-      start += 1;
-    } while (start < messages.length - 1 && messages[start].role !== "user");
+  for (const message of messages.slice(start)) total += messageTokens(message);
+  if (total > budget) {
+    const target = Math.floor(budget * REFILL);
+    while (total > target && start < messages.length - 1) {
+      do {
+        total -= messageTokens(messages[start]);
+        start += 1;
+      } while (start < messages.length - 1 && messages[start].role !== "user");
+    }
   }
   return { send: messages.slice(start), dropped: start };
 }

@@ -1,6 +1,7 @@
 // Conversations kept in this browser (IndexedDB), and their export and import as JSON.
-// A chat: {id, title, created, updated, messages: [{role, content, stats?, tokens?}], base?}
-// (role: user, assistant, or notice: a line the page said, never sent to the model).
+// A chat: {id, title, created, updated, messages: [{role, content, stats?, tokens?}], base?,
+// dropped?} (role: user, assistant, or notice: a line the page said, never sent to the model;
+// base and dropped: context.js).
 const DB_NAME = "gguf-appliance";
 const STORE = "chats";
 const EXPORT_FORMAT = "gguf-appliance.chats";

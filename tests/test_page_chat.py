@@ -8,6 +8,7 @@ under test is the real one either way.
 
 from __future__ import annotations
 
+import itertools
 import json
 import subprocess
 import sys
@@ -296,6 +297,38 @@ def test_a_chat_past_the_context_keeps_answering_and_says_so(page: Page, start_s
     expect(page.locator("#log li.error")).to_contain_text(
         "The request was refused: the prompt has", timeout=ANSWER
     )
+
+
+def test_the_window_of_a_long_chat_moves_seldom_and_by_whole_turns(
+    page: Page, server: RunningServer
+) -> None:
+    open_page(page, server)
+    # Twenty turns of 20 + 20 tokens against 512 of context, 40 for the answer: each new
+    # question either keeps the last request's start (the node reuses its cache) or moves it to
+    # three quarters of the budget; the window always starts with a question.
+    starts = page.evaluate("""async () => {
+        const { fitToContext, promptBudget } = await import('./context.js');
+        const limits = {context_length: 512, max_prompt_tokens: 511};
+        const messages = [];
+        const starts = [];
+        let kept = 0;
+        for (let i = 0; i < 20; i++) {
+            messages.push({role: 'user', content: 'q', tokens: 20});
+            const { send, dropped } = fitToContext(
+                {system: 'be brief', messages, limits, maxTokens: 40, base: 10, kept});
+            const size = 10 + 9 + send.reduce((sum, m) => sum + m.tokens, 0);
+            if (size > promptBudget(limits, 40) || send[0].role !== 'user') return 'bad';
+            starts.push(dropped);
+            kept = dropped;
+            messages.push({role: 'assistant', content: 'a', tokens: 20});
+        }
+        return starts;
+    }""")
+    assert starts != "bad"
+    moves = [b for a, b in itertools.pairwise(starts) if a != b]
+    assert starts[0] == 0 and starts[-1] > 0
+    assert len(moves) <= len(starts) // 3  # a move frees room for several turns
+    assert all(start % 2 == 0 for start in starts)
 
 
 # Markup meant to attack the page, as an answer's Markdown might carry it. Each would call
