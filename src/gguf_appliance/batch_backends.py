@@ -158,7 +158,10 @@ class HttpBackend:
         max_connections: int = 16,
         backoff: float = 0.5,
     ) -> None:
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        # A batch job is batch traffic, keyed or not: interactive requests go first.
+        headers = {"X-Traffic-Class": "batch"}
+        if api_key:
+            headers["Authorization"] = f"Bearer {api_key}"
         self.client = httpx.AsyncClient(
             base_url=base_url.rstrip("/"),
             headers=headers,

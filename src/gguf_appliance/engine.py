@@ -287,13 +287,15 @@ class Engine:
         params: GenerationParams,
         timeout: float,
         grammar: Grammar | None = None,
+        *,
+        batch: bool = False,
     ) -> Generation:
         """Queue a tokenized prompt. Raises at once for what can be known before decoding.
 
         A request with a grammar passes it built (`prepare_grammar`); if it does not, it is
         built here, on the caller's thread. The job owns it from here on, also on a refusal.
         """
-        return self.submit_prompts([prompt], params, timeout, grammar)
+        return self.submit_prompts([prompt], params, timeout, grammar, batch=batch)
 
     def submit_prompts(
         self,
@@ -301,13 +303,16 @@ class Engine:
         params: GenerationParams,
         timeout: float,
         grammar: Grammar | None = None,
+        *,
+        batch: bool = False,
     ) -> Generation:
         """`submit` of several prompts in one request, each with `params.n` choices (prompt
-        i's are choices i*n to i*n+n-1); all its choices start together."""
+        i's are choices i*n to i*n+n-1); all its choices start together. `batch`: of the batch
+        traffic class (see the scheduler)."""
         try:
             if params.sampling.grammar is not None and grammar is None:
                 grammar = self.compile_grammar(params.sampling.grammar)
-            return self._submit(prompts, params, timeout, grammar)
+            return self._submit(prompts, params, timeout, grammar, batch)
         except BaseException:
             if grammar is not None:
                 grammar.close()
@@ -319,6 +324,7 @@ class Engine:
         params: GenerationParams,
         timeout: float,
         grammar: Grammar | None,
+        batch: bool = False,
     ) -> Generation:
         self._require_model()
         scheduler = self.scheduler
@@ -352,6 +358,7 @@ class Engine:
             deadline=time.monotonic() + timeout,
             loop=asyncio.get_running_loop(),
             grammar=grammar,
+            batch=batch,
         )
         scheduler.enqueue(job)
         return Generation(job, scheduler.cancel)

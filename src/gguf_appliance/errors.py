@@ -86,6 +86,14 @@ class QueueFull(Unavailable):
     code = "queue_full"
 
 
+class RateLimited(Unavailable):
+    """A client (an API key) over its own request rate or streams: retry after a while."""
+
+    status_code = 429
+    code = "rate_limited"
+    error_type = "rate_limit_error"
+
+
 class NotReady(Unavailable):
     code = "not_ready"
 

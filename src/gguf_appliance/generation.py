@@ -96,6 +96,9 @@ class Job:
     cancelled: bool = False
     abort: ApplianceError | None = None  # set with `cancelled` when the node ends the job
     grammar: Grammar | None = None  # loaded at submit; closed by the scheduler
+    # The batch traffic class: admitted after every waiting interactive job, and never onto
+    # the slots the scheduler keeps for interactive ones.
+    batch: bool = False
     # The scheduler thread's tally of the choices while they run.
     reasons: list[str] = field(default_factory=list)  # by choice; "" while it runs
     stop_sequence: str | None = None  # the first choice's, once it stopped on one

@@ -2,7 +2,9 @@
 
 The key file holds one key a line, or `sha256:HEX`, the SHA-256 of a key (so the file, or the
 user data that writes it, never holds the key itself); blank lines and lines starting with `#`
-are ignored. It is read at start and again on SIGHUP.
+are ignored. A line that starts with `batch:` (`batch:KEY`, `batch:sha256:HEX`) gives a batch
+key: its requests are of the batch traffic class (admitted after interactive ones, never on the
+last slot) and have the batch key limits. It is read at start and again on SIGHUP.
 
 Keys fail closed. A node given a key file never serves an open API: a file that is missing,
 unreadable, holds a bad line or holds no key at all stops the node at start, and on SIGHUP
@@ -23,6 +25,7 @@ log = logging.getLogger("gguf_appliance.keys")
 
 MIN_KEY_LENGTH = 16
 _DIGEST_LINE = re.compile(r"sha256:([0-9a-fA-F]{64})")
+BATCH_PREFIX = "batch:"
 
 
 class KeyFileError(Exception):
@@ -38,8 +41,24 @@ def key_digest(key: str | bytes) -> bytes:
     return hashlib.sha256(key.encode() if isinstance(key, str) else key).digest()
 
 
+def parse_key(line: str) -> tuple[bytes, bool] | None:
+    """A key line's digest and whether it is a batch key; None for a malformed line."""
+    batch = line.startswith(BATCH_PREFIX)
+    key = line.removeprefix(BATCH_PREFIX)
+    if digest := _DIGEST_LINE.fullmatch(key):
+        return bytes.fromhex(digest[1]), batch
+    if len(key) < MIN_KEY_LENGTH or any(ch.isspace() for ch in key):
+        return None
+    return key_digest(key), batch
+
+
 def read_key_file(path: Path) -> list[bytes]:
     """The SHA-256 digests of the file's keys, in the file's order."""
+    return [digest for digest, _ in read_keys(path)]
+
+
+def read_keys(path: Path) -> list[tuple[bytes, bool]]:
+    """The SHA-256 digests of the file's keys, each with its batch mark, in the file's order."""
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -53,16 +72,15 @@ def read_key_file(path: Path) -> list[bytes]:
         key = line.strip()
         if not key or key.startswith("#"):
             continue
-        if digest := _DIGEST_LINE.fullmatch(key):
-            digests.append(bytes.fromhex(digest[1]))
-            continue
-        if len(key) < MIN_KEY_LENGTH or any(ch.isspace() for ch in key):
+        parsed = parse_key(key)
+        if parsed is None:
             # The line itself is never logged: it may be a real key with a typo.
             raise KeyFileError(
                 f"{path}, line {number}: a key is one word of at least {MIN_KEY_LENGTH} "
-                "characters, or sha256: and the key's 64 hex digits"
+                "characters, or sha256: and the key's 64 hex digits (either after batch: "
+                "for a batch key)"
             )
-        digests.append(key_digest(key))
+        digests.append(parsed)
     return digests
 
 
@@ -87,16 +105,22 @@ class ApiKeys:
     def __init__(
         self, keys: Iterable[str] = (), key_file: Path | None = None, *, open_api: bool = False
     ) -> None:
-        self._fixed = tuple(key_digest(k) for k in keys)
+        # A fixed key may be marked batch as a file's line is (`batch:KEY`).
+        self._fixed = tuple(
+            (key_digest(k.removeprefix(BATCH_PREFIX)), k.startswith(BATCH_PREFIX)) for k in keys
+        )
         self.key_file = key_file
         self.open_api = open_api
         self._digests: tuple[bytes, ...] = ()
+        self._batch: frozenset[bytes] = frozenset()
         if key_file is not None:
-            self._install(self._checked(read_key_file(key_file), key_file))
+            self._install(self._checked(read_keys(key_file), key_file))
         else:
             self._install([])
 
-    def _checked(self, from_file: list[bytes], key_file: Path) -> list[bytes]:
+    def _checked(
+        self, from_file: list[tuple[bytes, bool]], key_file: Path
+    ) -> list[tuple[bytes, bool]]:
         if not from_file and not self._fixed and not self.open_api:
             raise KeyFileError(
                 f"the API key file {key_file} holds no key (only blank and comment lines): "
@@ -104,8 +128,10 @@ class ApiKeys:
             )
         return from_file
 
-    def _install(self, from_file: list[bytes]) -> None:
-        self._digests = tuple(dict.fromkeys((*self._fixed, *from_file)))
+    def _install(self, from_file: list[tuple[bytes, bool]]) -> None:
+        keys = (*self._fixed, *from_file)
+        self._digests = tuple(dict.fromkeys(digest for digest, _ in keys))
+        self._batch = frozenset(digest for digest, batch in keys if batch)
 
     @property
     def required(self) -> bool:
@@ -120,7 +146,7 @@ class ApiKeys:
             log.info("SIGHUP: no API key file to reload (keys from the settings stay)")
             return False
         try:
-            from_file = self._checked(read_key_file(self.key_file), self.key_file)
+            from_file = self._checked(read_keys(self.key_file), self.key_file)
         except KeyFileError as exc:
             log.error("API keys not reloaded, the %d in force stay: %s", len(self), exc)
             return False
@@ -133,11 +159,19 @@ class ApiKeys:
 
     def authorized(self, authorization: bytes) -> bool:
         """True for an `Authorization` header value `Bearer KEY` naming a key in force."""
+        return self.match(authorization) is not None
+
+    def match(self, authorization: bytes) -> bytes | None:
+        """The digest of the key in force an `Authorization` value `Bearer KEY` names, or None."""
         scheme, _, token = authorization.strip().partition(b" ")
         if scheme.lower() != b"bearer":
-            return False
+            return None
         digest = key_digest(token.strip())
         matched = False
         for known in self._digests:
             matched |= hmac.compare_digest(digest, known)
-        return matched
+        return digest if matched else None
+
+    def is_batch(self, digest: bytes) -> bool:
+        """True for the digest of a key marked `batch:`."""
+        return digest in self._batch

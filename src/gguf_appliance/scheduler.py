@@ -14,6 +14,12 @@ choice's slot; the step that reads its last token copies its KV to its sibling c
 (`llama_memory_seq_cp`) and every choice samples its first token from those logits, then goes
 its own way.
 
+Two traffic classes share the slots. Waiting interactive jobs start first (FIFO among them);
+a batch job (`Job.batch`: a batch key's) starts only when no interactive job waits, and batch
+jobs together hold at most n_slots - 1 slots, so one is always free for the next interactive
+request (a batch request of more choices than that runs only when no other batch job does).
+Interactive prompts are also read first when several slots read theirs.
+
 Log probabilities are computed only for requests that ask (`GenerationParams.logprobs`), from
 the logits of the step, on this thread. A request that scores its prompt asks llama.cpp for
 the logits of every prompt position, so it reads its whole prompt (no cached prefix), at most
@@ -154,17 +160,42 @@ class SlotScheduler:
     def busy_slots(self) -> int:
         return sum(1 for s in self.slots if s.job is not None)
 
+    @property
+    def batch_slots(self) -> int:
+        """Most slots batch jobs hold together: all but one (the one, with a single slot)."""
+        return max(1, len(self.slots) - 1)
+
+    def _in_admission_order(self, new: Job | None = None) -> list[Job]:
+        """The waiting jobs (and `new`, last of its class) in the order they start: the
+        interactive ones, then the batch ones, each class first-in first-out."""
+        jobs = [*self._waiting, *([new] if new is not None else [])]
+        return [j for j in jobs if not j.batch] + [j for j in jobs if j.batch]
+
+    def _startable(self, jobs: list[Job]) -> list[Job]:
+        """Of `jobs`, in admission order, those the free slots start now: up to the first that
+        cannot start (all its choices at once; a batch job also within `batch_slots`)."""
+        free = sum(1 for s in self.slots if s.job is None)
+        batch_busy = sum(1 for s in self.slots if s.job is not None and s.job.batch)
+        starts = []
+        for job in jobs:
+            if job.choices > free:
+                break
+            if job.batch:
+                if batch_busy and batch_busy + job.choices > self.batch_slots:
+                    break
+                batch_busy += job.choices
+            free -= job.choices
+            starts.append(job)
+        return starts
+
     def enqueue(self, job: Job) -> None:
         """Queue a job of at most n_slots choices, unless more than `queue_size` jobs would
-        then wait for their slots (those the free slots cannot start now, in FIFO order)."""
+        then wait for their slots: those the free slots cannot start now, counting only the
+        jobs that start before it (a queue of batch jobs never turns an interactive one away)."""
         with self._cond:
-            free = sum(1 for s in self.slots if s.job is None)
-            waiting = 0
-            for queued in [*self._waiting, job]:
-                if not waiting and queued.choices <= free:
-                    free -= queued.choices
-                else:
-                    waiting += 1
+            order = self._in_admission_order(job)
+            ahead = order[: order.index(job) + 1]
+            waiting = len(ahead) - len(self._startable(ahead))
             if waiting > self.config.queue_size:
                 raise QueueFull(
                     "the node is busy: every slot is taken and the queue is full",
@@ -239,7 +270,8 @@ class SlotScheduler:
                 loop.call_soon_threadsafe(_put_all, items)
 
     def _admit(self) -> None:
-        """Give free slots to waiting jobs, FIFO; drop jobs cancelled or expired meanwhile."""
+        """Give free slots to waiting jobs in admission order; drop jobs cancelled or expired
+        meanwhile."""
         now = time.monotonic()
         for job in list(self._waiting):
             if job.abort is not None:
@@ -252,12 +284,9 @@ class SlotScheduler:
                 self._done(
                     job, job.ended_in_queue("cancelled" if job.cancelled else "timeout", now)
                 )
-        while self._waiting:
-            job = self._waiting[0]
+        for job in self._startable(self._in_admission_order()):
+            self._waiting.remove(job)
             free = [s for s in self.slots if s.job is None]
-            if len(free) < job.choices:  # all its choices start together: it waits, FIFO
-                return
-            self._waiting.popleft()
             job.reasons = [""] * job.choices
             job.running = job.choices
             job.started = now
@@ -342,7 +371,10 @@ class SlotScheduler:
         if generating:
             budget = min(budget, self.config.prefill_chunk)
         score_budget = SCORE_ROWS
-        prefilling = sorted((s for s in self.slots if s.prefilling), key=lambda s: s.started)
+        prefilling = sorted(
+            (s for s in self.slots if s.prefilling),
+            key=lambda s: (s.job is not None and s.job.batch, s.started),
+        )
         for slot in prefilling:
             if budget <= 0:
                 break

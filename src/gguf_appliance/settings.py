@@ -230,6 +230,32 @@ class Settings(BaseSettings):
         "start, unless no key file is set and it listens on loopback only (127.0.0.1, as "
         "`make run`); keys, if given, are required either way.",
     )
+    key_concurrency: int = Field(
+        16,
+        ge=1,
+        le=10000,
+        description="Requests in flight per API key on /generate and /v1; more gets 429 (keyed "
+        "requests pass NGINX's per-address limits: the node limits them by key).",
+    )
+    key_rate: float = Field(
+        20.0,
+        gt=0,
+        le=10000,
+        description="Requests a second per API key on /generate and /v1, with a burst of 5 "
+        "seconds' worth; more gets 429.",
+    )
+    batch_key_concurrency: int = Field(
+        32,
+        ge=1,
+        le=10000,
+        description="key_concurrency for a batch key (a `batch:` line of the key file).",
+    )
+    batch_key_rate: float = Field(
+        50.0,
+        gt=0,
+        le=10000,
+        description="key_rate for a batch key (a `batch:` line of the key file).",
+    )
     allowed_hosts: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="Host names an open API (no key) answers to, besides IP addresses and "

@@ -1,5 +1,7 @@
 """Who may ask: the API key on the routes that need one, and, while the API is open (no key),
-only Host names that cannot be a rebound attacker's."""
+only Host names that cannot be a rebound attacker's; then each client's limits (key_limits)
+and the request's traffic class: batch for a batch key, or for a request that says
+`X-Traffic-Class: batch` (a request can lower its class, never raise it)."""
 
 from __future__ import annotations
 
@@ -13,6 +15,9 @@ from ..keys import ApiKeys
 from ..settings import Settings
 from . import messages
 from .endpoint import error_response
+from .key_limits import KeyLimiter, Limits
+
+TRAFFIC_CLASS_HEADER = b"x-traffic-class"
 
 
 class AuthMiddleware:
@@ -20,6 +25,10 @@ class AuthMiddleware:
         self.app = app
         self.settings = settings
         self.keys = keys
+        self.limits = KeyLimiter(
+            interactive=Limits(settings.key_concurrency, settings.key_rate),
+            batch=Limits(settings.batch_key_concurrency, settings.batch_key_rate),
+        )
 
     def key_required(self, path: str) -> bool:
         if not self.keys.required:
@@ -55,11 +64,25 @@ class AuthMiddleware:
             return False
         return True
 
+    def limited_client(
+        self, headers: dict[bytes, bytes], key: bytes | None, scope: Scope
+    ) -> bytes | None:
+        """Who a request's limits count against: its key; on an open API, the address of a
+        request with a key header (NGINX's per-address limits let it pass); else nobody."""
+        if key is not None:
+            return b"key:" + key
+        if self.keys.required or not {b"authorization", b"x-api-key"} & headers.keys():
+            return None
+        address = headers.get(b"x-real-ip") or (scope.get("client") or ("",))[0].encode()
+        return b"address:" + address
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         error: ApplianceError | None = None
+        headers = dict(scope["headers"])
+        key: bytes | None = None
         if not self.host_allowed(scope):
             error = MisdirectedRequest(
                 "this node does not answer to that Host name while its API is open (no "
@@ -67,20 +90,36 @@ class AuthMiddleware:
                 param="Host",
             )
         elif self.key_required(scope["path"]):
-            headers = dict(scope["headers"])
-            authorized = self.keys.authorized(headers.get(b"authorization", b""))
+            key = self.keys.match(headers.get(b"authorization", b""))
             anthropic_key = headers.get(b"x-api-key")  # what Anthropic's clients send
-            if not authorized and anthropic_key is not None and scope["path"] == messages.PATH:
-                authorized = self.keys.authorized(b"Bearer " + anthropic_key)
-            if not authorized:
+            if key is None and anthropic_key is not None and scope["path"] == messages.PATH:
+                key = self.keys.match(b"Bearer " + anthropic_key)
+            if key is None:
                 how = "Authorization: Bearer KEY"
                 if scope["path"] == messages.PATH:
                     how += " or x-api-key: KEY"
                 error = Unauthorized(f"a valid API key is required: {how}")
+        state: dict[str, Any] = scope.setdefault("state", {})
+        path = scope["path"]
+        if error is None and (path.startswith(("/generate", "/v1/")) or path == "/v1"):
+            batch_key = key is not None and self.keys.is_batch(key)
+            said = headers.get(TRAFFIC_CLASS_HEADER, b"").strip().lower() == b"batch"
+            state["batch"] = batch_key or said
+            client = self.limited_client(headers, key, scope)
+            if client is not None:
+                try:
+                    self.limits.acquire(client, batch_key)
+                except ApplianceError as exc:
+                    error = exc
+                else:
+                    try:
+                        await self.app(scope, receive, send)
+                    finally:
+                        self.limits.release(client)
+                    return
         if error is None:
             await self.app(scope, receive, send)
             return
-        state: dict[str, Any] = scope.setdefault("state", {})
         state["error"] = error.code  # for the request's log line
         # /v1/messages answers every error in Anthropic's shape, for its clients' classes.
         shaped = messages.error_response if scope["path"] == messages.PATH else error_response

@@ -139,7 +139,11 @@ async def start(
         if params.sampling.grammar is not None:
             grammar = await engine.prepare_grammar(params.sampling.grammar)
         generation = engine.submit_prompts(
-            prompts, params, timeout=settings.request_timeout, grammar=grammar
+            prompts,
+            params,
+            timeout=settings.request_timeout,
+            grammar=grammar,
+            batch=getattr(request.state, "batch", False),  # the auth middleware's class
         )
     except (PromptTooLong, InvalidPrompt) as exc:
         exc.param = prompt_field
