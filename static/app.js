@@ -366,9 +366,16 @@ async function ask() {
       }
       thread.messages.push(message);
       if (thread === chat) {
-        renderLog();
-        log.lastElementChild.scrollIntoView({ block: "end" });
+        // Only the answer's entry is replaced (the log is a live region: a screen reader reads
+        // what changed, so the rest is left as it is); Regenerate moves to it.
+        for (const old of log.querySelectorAll(".regenerate")) {
+          (old.parentElement.childElementCount === 1 ? old.parentElement : old).remove();
+        }
+        const item = messageEntry(message, thread.messages.length - 1);
+        answer.replaceWith(item);
+        item.scrollIntoView({ block: "end" });
       }
+      setBusy(false);
       await saveChat(thread);
     }
     (keyRefused ? fields.apiKey : prompt).focus();
