@@ -15,6 +15,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import httpx
 import openai
 import pytest
 
@@ -226,6 +227,8 @@ def test_a_node_with_the_template_calls_tools_in_its_syntax(
     # Without prefix reuse: whole and streamed answers read their prompts alike.
     node: RunningServer = start_server(chat_template=str(path), reuse_prefix="false")
     wait_until(lambda: f"tool calls {family}" in node.log(), 10, "the log never named the syntax")
+    [card] = httpx.get(node.url("/v1/models")).json()["data"]
+    assert card["tool_call_syntax"] == family
     client = openai.OpenAI(base_url=node.url("/v1"), api_key="unused", max_retries=0)
     whole = create(
         client, messages=ASK, tools=[WEATHER, TIME], tool_choice="required", max_tokens=96

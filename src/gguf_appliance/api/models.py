@@ -32,8 +32,9 @@ async def models(request: Request) -> Response:
         "owned_by": "gguf-appliance",
     }
     if engine.ready and engine.model is not None:
-        # Extra fields (clients ignore them): which chat template, and where it came from; the
-        # context of a request and its longest prompt (the chat page drops old turns by them).
+        # Extra fields (clients ignore them): which chat template, and where it came from, and
+        # its tool-call syntax; the context of a request and its longest prompt (the chat page
+        # drops old turns by them).
         room = engine.slot_context
         limit = request.app.state.settings.max_prompt_tokens
         data.append(
@@ -41,6 +42,7 @@ async def models(request: Request) -> Response:
                 "id": model_id(request),
                 **card,
                 "chat_template": engine.model.chat_template,
+                "tool_call_syntax": engine.tool_syntax.name,
                 "context_length": room,
                 "max_prompt_tokens": room - 1 if limit is None else min(limit, room - 1),
             }

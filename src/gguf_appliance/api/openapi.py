@@ -66,6 +66,11 @@ class ModelCard(_Response):
         "the CHAT_TEMPLATE setting, or guessed from the architecture); absent on an "
         "embedding model's card.",
     )
+    tool_call_syntax: Literal["hermes", "llama3", "mistral", "generic"] | None = Field(
+        None,
+        description="Not OpenAI's: how the model calls tools (its template's syntax, or the "
+        "generic JSON form); absent on an embedding model's card.",
+    )
     context_length: int | None = Field(
         None,
         ge=1,
