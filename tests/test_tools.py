@@ -136,6 +136,31 @@ def test_a_result_fed_back_gets_a_final_answer_streamed_and_not_alike(start_serv
     assert (text, calls, reason) == (answer.content, [], "stop")
 
 
+def test_the_clients_parse_helper_gives_a_tools_arguments_as_a_pydantic_object(
+    client: openai.OpenAI,
+) -> None:
+    from pydantic import BaseModel
+
+    class GetWeather(BaseModel):
+        """Get the current weather in a city"""
+
+        city: str
+        celsius: bool
+
+    reply = client.chat.completions.parse(
+        model="any",
+        messages=ASK,
+        tools=[openai.pydantic_function_tool(GetWeather)],  # strict: additionalProperties false
+        tool_choice="required",
+        temperature=0,
+        max_tokens=64,
+    )
+    [call] = reply.choices[0].message.tool_calls
+    assert call.function.name == "GetWeather"
+    parsed = call.function.parsed_arguments
+    assert isinstance(parsed, GetWeather) and isinstance(parsed.celsius, bool)
+
+
 def test_the_agents_sdk_runs_a_function_tool_to_its_final_answer(server: RunningServer) -> None:
     from agents import (
         Agent,
