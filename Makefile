@@ -7,7 +7,7 @@ PORT ?= 8000
 # llama-cpp-python compiles from source; build on every core (pip caches the wheel after).
 export CMAKE_BUILD_PARALLEL_LEVEL ?= $(shell nproc)
 
-.PHONY: help install system-deps run test boot-test lint format clean readme bench checkov pool soak arm64-wheel vendor
+.PHONY: help install system-deps run test boot-test lint format clean readme bench checkov pool soak arm64-wheel arm64-run vendor
 
 help:
 	@echo "make run    serve the chat page and API on http://$(HOST):$(PORT)/ (bundled model)"
@@ -118,6 +118,16 @@ arm64-wheel: install
 		-DGGML_NATIVE=OFF -DGGML_CPU_ARM_ARCH=$(ARM64_ARCH)" _PYTHON_HOST_PLATFORM=linux-aarch64 \
 		$(BIN)/pip wheel --no-deps --no-binary :all: --no-cache-dir -w $(ARM64_WHEELS) \
 		llama-cpp-python==0.3.36
+
+# The node on an arm64 Python under qemu-user emulation (docs/arm.md): a Debian 12 arm64 root
+# cached in build/arm64-root, the wheel above, a greedy answer compared with the x86 node's.
+# Root only (chroot, mount, binfmt_misc); not part of `make test`. Correctness only: no speed.
+arm64-run: install
+	@test -f $(ARM64_WHEELS)/llama_cpp_python-0.3.36-py3-none-linux_aarch64.whl || $(MAKE) arm64-wheel
+	@command -v debootstrap >/dev/null 2>&1 && test -x /usr/bin/qemu-aarch64-static || \
+		{ $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+		  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq debootstrap qemu-user-static; }
+	$(SUDO) $(BIN)/python deploy/arm64_emulated.py
 
 # Benchmarks (not part of the tests): gguf-appliance next to llama-cpp-python's own server,
 # which runs from a venv of its own so its pins cannot move ours.
