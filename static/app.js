@@ -492,9 +492,9 @@ async function exportChats() {
 async function importChats(file) {
   try {
     const added = await store.importChats(await file.text());
-    announce(`Imported ${added} chat${added === 1 ? "" : "s"}.`);
+    $("chat-files-note").textContent = `Imported ${added} chat${added === 1 ? "" : "s"}.`;
   } catch (error) {
-    announce(`That file could not be imported: ${error.message}`);
+    $("chat-files-note").textContent = `That file could not be imported: ${error.message}`;
   }
   await refreshChatList();
 }

@@ -221,7 +221,7 @@ def test_export_then_import_gives_the_same_chat(
         open_page(other, server)
         expect(other.locator("#chat-list-empty")).to_be_visible()
         other.set_input_files("#import-file", str(exported))
-        expect(other.locator("#announce")).to_have_text("Imported 1 chat.")
+        expect(other.locator("#chat-files-note")).to_have_text("Imported 1 chat.")
         other.locator("#chat-list .open-chat").click()
         expect(other.locator("#log li.user .content")).to_have_text(["Say hello.", "Say goodbye."])
         imported = stored_chats(other)
@@ -231,7 +231,13 @@ def test_export_then_import_gives_the_same_chat(
         ]
         # Imported twice: the same chat is not added again.
         other.set_input_files("#import-file", str(exported))
-        expect(other.locator("#announce")).to_have_text("Imported 0 chats.")
+        expect(other.locator("#chat-files-note")).to_have_text("Imported 0 chats.")
+        # A file the page did not write is refused whole, and says so.
+        foreign = tmp_path / "foreign.json"
+        foreign.write_text(json.dumps({"chats": [{"messages": [{"role": "system"}]}]}))
+        other.set_input_files("#import-file", str(foreign))
+        expect(other.locator("#chat-files-note")).to_contain_text("could not be imported")
+        expect(other.locator("#chat-list .open-chat")).to_have_count(1)
     finally:
         elsewhere.close()
 
@@ -465,7 +471,7 @@ def test_an_xss_corpus_in_answers_and_imported_chats_runs_nothing(
     hostile = tmp_path / "hostile.json"
     hostile.write_text(json.dumps({"chats": [chat]}))
     page.set_input_files("#import-file", str(hostile))
-    expect(page.locator("#announce")).to_have_text("Imported 1 chat.")
+    expect(page.locator("#chat-files-note")).to_have_text("Imported 1 chat.")
     page.locator("#chat-list .open-chat", has_text="<img").click()
     expect(page.locator("#log li.assistant")).to_have_count(len(XSS_CORPUS))
     settle(page)
