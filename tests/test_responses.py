@@ -133,41 +133,6 @@ def test_parse_holds_the_answer_to_the_model(client: openai.OpenAI) -> None:
     assert isinstance(reply.output_parsed, City) and reply.output_parsed.name
 
 
-def test_the_agents_sdk_default_model_runs_a_tool(node: RunningServer) -> None:
-    from agents import (
-        Agent,
-        ModelSettings,
-        OpenAIResponsesModel,
-        Runner,
-        function_tool,
-        set_tracing_disabled,
-    )
-
-    set_tracing_disabled(True)
-    seen: list[str] = []
-
-    @function_tool
-    def get_weather(city: str) -> str:
-        """Get the current weather in a city."""
-        seen.append(city)
-        return f"18 degrees and sunny in {city}"
-
-    model = OpenAIResponsesModel(
-        model="SmolLM2",
-        openai_client=openai.AsyncOpenAI(base_url=node.url("/v1"), api_key="x", max_retries=0),
-    )
-    agent = Agent(
-        name="weather",
-        instructions="You answer questions about the weather.",
-        tools=[get_weather],
-        model=model,
-        model_settings=ModelSettings(temperature=0, tool_choice="required", max_tokens=128),
-    )
-    result = Runner.run_sync(agent, ASK, max_turns=4)
-    assert seen and isinstance(result.final_output, str) and result.final_output.strip()
-    assert [i.type for i in result.new_items][-1] == "message_output_item"
-
-
 @pytest.mark.parametrize(
     ("extra", "param"),
     [

@@ -161,11 +161,16 @@ def test_the_clients_parse_helper_gives_a_tools_arguments_as_a_pydantic_object(
     assert isinstance(parsed, GetWeather) and isinstance(parsed.celsius, bool)
 
 
-def test_the_agents_sdk_runs_a_function_tool_to_its_final_answer(server: RunningServer) -> None:
+@pytest.mark.parametrize("api", ["chat completions", "responses"])
+def test_the_agents_sdk_runs_a_function_tool_to_its_final_answer(
+    server: RunningServer, api: str
+) -> None:
+    # The SDK's two models: Chat Completions, and Responses (its default).
     from agents import (
         Agent,
         ModelSettings,
         OpenAIChatCompletionsModel,
+        OpenAIResponsesModel,
         Runner,
         function_tool,
         set_tracing_disabled,
@@ -180,7 +185,8 @@ def test_the_agents_sdk_runs_a_function_tool_to_its_final_answer(server: Running
         seen.append(city)
         return f"18 degrees and sunny in {city}"
 
-    model = OpenAIChatCompletionsModel(
+    kind = OpenAIChatCompletionsModel if api == "chat completions" else OpenAIResponsesModel
+    model = kind(
         model="SmolLM2",
         openai_client=openai.AsyncOpenAI(base_url=server.url("/v1"), api_key="x", max_retries=0),
     )
