@@ -286,10 +286,75 @@ class Settings(BaseSettings):
         description="Put each request's prompt and answer in its log line; off, they are never "
         "logged.",
     )
-
-    _split_lists = field_validator("api_keys", "cors_origins", "allowed_hosts", mode="before")(
-        _split_list
+    oci_auth: Literal["instance_principal", "config_file"] = Field(
+        "instance_principal",
+        description="How the node signs its calls to OCI Monitoring and Vault: as the instance "
+        "(instance principals, on OCI), or with the API key of an OCI config file.",
     )
+    oci_config_file: Path | None = Field(
+        None, description="OCI config file for oci_auth=config_file (default ~/.oci/config)."
+    )
+    oci_config_profile: str = Field(
+        "DEFAULT", min_length=1, description="Profile of oci_config_file."
+    )
+    oci_region: str | None = Field(
+        None, description="OCI region of the endpoints (default: the instance's, or the config's)."
+    )
+    oci_metrics_compartment: str | None = Field(
+        None,
+        min_length=1,
+        description="OCID of the compartment to post the node's load to (OCI Monitoring custom "
+        "metrics, docs/oci-scaling.md); unset: nothing is posted.",
+    )
+    oci_metrics_namespace: str = Field(
+        "gguf_appliance",
+        pattern=r"^[a-z][a-z0-9_]{0,255}$",
+        description="Custom metric namespace of the node's load (not starting with `oci_`).",
+    )
+    oci_metrics_pool: str = Field(
+        "gguf-appliance", min_length=1, description="The `pool` dimension of the load metrics."
+    )
+    oci_metrics_resource_id: str | None = Field(
+        None,
+        description="The `resourceId` dimension of the load metrics (default: the instance's "
+        "OCID from the metadata service, else the host name).",
+    )
+    oci_metrics_interval: float = Field(
+        60.0, ge=0.05, le=3600, description="Seconds between two posts of the node's load."
+    )
+    oci_metrics_timeout: float = Field(
+        10.0, gt=0, le=120, description="Seconds a post of the node's load may take."
+    )
+    oci_monitoring_endpoint: str | None = Field(
+        None,
+        description="Monitoring ingestion endpoint (default: "
+        "https://telemetry-ingestion.REGION.oraclecloud.com).",
+    )
+    oci_api_key_secrets: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="OCIDs of OCI Vault secrets holding API keys, one key (or `sha256:HEX`) a "
+        "line (comma-separated); `gguf-appliance vault-secrets` writes them to the key file.",
+    )
+    oci_hf_token_secret: str | None = Field(
+        None,
+        description="OCID of an OCI Vault secret holding a Hugging Face token, for gated models.",
+    )
+    oci_secrets_endpoint: str | None = Field(
+        None,
+        description="Vault secrets endpoint (default: "
+        "https://secrets.vaults.REGION.oci.oraclecloud.com).",
+    )
+
+    _split_lists = field_validator(
+        "api_keys", "cors_origins", "allowed_hosts", "oci_api_key_secrets", mode="before"
+    )(_split_list)
+
+    @field_validator("oci_metrics_namespace")
+    @classmethod
+    def _namespace_not_oracles(cls, namespace: str) -> str:
+        if namespace.startswith("oci_"):
+            raise ValueError("a custom metric namespace cannot start with oci_ (OCI's own)")
+        return namespace
 
     @field_validator("api_keys")
     @classmethod

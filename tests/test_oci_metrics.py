@@ -1,0 +1,157 @@
+"""The node's load, posted to OCI Monitoring by the real `oci` SDK.
+
+The Monitoring endpoint is a stand-in: a local HTTP server on 127.0.0.1 (tests/oci_stand_in.py)
+that records what it is sent. The node signs with a throwaway API key from a config file
+(oci_auth=config_file) instead of instance principals, whose metadata service and certificates
+are not stood in here.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests import oci_stand_in
+from tests.conftest import RunningServer, slot_held, wait_until
+from tests.oci_stand_in import Received, StandIn
+
+COMPARTMENT = "ocid1.compartment.oc1..aaaaaaaastandin"
+ACCEPTED = (200, {"failedMetricsCount": 0, "failedMetrics": []})
+
+
+def node_settings(config: Path, url: str, **extra: object) -> dict[str, object]:
+    return {
+        "oci_auth": "config_file",
+        "oci_config_file": config,
+        "oci_metrics_compartment": COMPARTMENT,
+        "oci_metrics_pool": "test-pool",
+        "oci_metrics_resource_id": "ocid1.instance.oc1..node1",
+        "oci_monitoring_endpoint": url,
+        **extra,
+    }
+
+
+def by_name(request: Received) -> dict[str, dict[str, Any]]:
+    return {m["name"]: m for m in request.body["metricData"]}
+
+
+@pytest.fixture
+def monitoring() -> Iterator[StandIn]:
+    with oci_stand_in.running(lambda request: ACCEPTED) as stand_in:
+        yield stand_in
+
+
+def test_node_posts_its_load_signed_every_interval(
+    tmp_path: Path, monitoring: StandIn, start_server: Callable[..., RunningServer]
+) -> None:
+    config, key_id = oci_stand_in.throwaway_oci_config(tmp_path)
+    node = start_server(**node_settings(config, monitoring.url, oci_metrics_interval=0.5))
+
+    with slot_held(node):
+        wait_until(
+            lambda: any(
+                by_name(r)["busy_slots"]["datapoints"][0]["value"] >= 1
+                and by_name(r)["tokens_per_second"]["datapoints"][0]["value"] > 0
+                for r in monitoring.requests()
+            ),
+            30,
+            "a post showing the busy slot and the tokens it makes",
+        )
+    body = {"messages": [{"role": "user", "content": "Say hi."}], "max_tokens": 8}
+    assert httpx.post(node.url("/generate"), json=body, timeout=30).status_code == 200
+    wait_until(
+        lambda: any("time_to_first_token" in by_name(r) for r in monitoring.requests()),
+        30,
+        "a post with the answer's time to first token",
+    )
+    wait_until(lambda: len(monitoring.requests()) >= 6, 30, "six posts")
+
+    posts = monitoring.requests()
+    first = posts[0]
+    assert (first.method, first.path) == ("POST", "/20180401/metrics")
+    # Signed by the SDK with the config file's key (OCI's HTTP signature scheme).
+    assert f'keyId="{key_id}"' in first.headers["authorization"]
+    assert "x-content-sha256" in first.headers
+    busy = None
+    for post in posts:
+        metrics = by_name(post)
+        assert {"busy_slot_ratio", "busy_slots", "queue_depth", "tokens_per_second"} <= set(metrics)
+        for metric in metrics.values():
+            assert metric["namespace"] == "gguf_appliance"
+            assert metric["compartmentId"] == COMPARTMENT
+            assert metric["dimensions"] == {
+                "resourceId": "ocid1.instance.oc1..node1",
+                "pool": "test-pool",
+            }
+            assert len(metric["datapoints"]) == 1
+        if metrics["busy_slots"]["datapoints"][0]["value"] >= 1:
+            busy = metrics
+    assert busy is not None
+    slots = node.metric("gguf_appliance_slots")
+    ratio = busy["busy_slot_ratio"]["datapoints"][0]["value"]
+    assert ratio == pytest.approx(busy["busy_slots"]["datapoints"][0]["value"] / slots)
+    # Time to first token is posted only for the intervals in which an answer began.
+    ttfts = [
+        by_name(p)["time_to_first_token"] for p in posts if "time_to_first_token" in by_name(p)
+    ]
+    assert len(ttfts) < len(posts)
+    assert all(0 < t["datapoints"][0]["value"] < 30 for t in ttfts)
+    # How often: one post per interval (0.5 s), never a burst.
+    gaps = [b.at - a.at for a, b in itertools.pairwise(posts)]
+    assert min(gaps) > 0.3, gaps
+    assert monitoring.most_in_flight == 1
+
+
+@pytest.mark.parametrize("endpoint", ["hanging", "failing"])
+def test_a_hanging_or_failing_monitoring_endpoint_never_affects_serving(
+    endpoint: str, tmp_path: Path, start_server: Callable[..., RunningServer]
+) -> None:
+    release = threading.Event()
+
+    def answer(request: Received) -> tuple[int, Any]:
+        if endpoint == "hanging":
+            release.wait(30)
+            return ACCEPTED
+        return 500, {"code": "InternalServerError", "message": "stand-in failure"}
+
+    with oci_stand_in.running(answer) as monitoring:
+        try:
+            config, _ = oci_stand_in.throwaway_oci_config(tmp_path)
+            node = start_server(
+                **node_settings(
+                    config, monitoring.url, oci_metrics_interval=0.2, oci_metrics_timeout=0.5
+                )
+            )
+            wait_until(lambda: len(monitoring.requests()) >= 2, 20, "two posts tried")
+
+            started = time.monotonic()
+            ready = httpx.get(node.url("/health/ready"), timeout=5)
+            assert ready.status_code == 200
+            assert time.monotonic() - started < 1
+            body = {"messages": [{"role": "user", "content": "Say hi."}], "max_tokens": 16}
+            with httpx.stream("POST", node.url("/generate"), json=body, timeout=30) as response:
+                assert response.status_code == 200
+                events = [line for line in response.iter_lines() if line.startswith("event:")]
+            assert events[-1] == "event: done"
+            assert node.process.poll() is None
+
+            # One post out at a time: the next starts only once the last one has failed or
+            # been given up (after the 0.5 s timeout when the endpoint hangs), so a hanging
+            # endpoint holds one connection, never a pile of them.
+            posts = monitoring.requests()
+            gaps = [b.at - a.at for a, b in itertools.pairwise(posts)]
+            assert min(gaps) > (0.45 if endpoint == "hanging" else 0.15), gaps
+            node.log()  # flushes the log file
+            log = node.log_path.read_text(errors="replace")
+            assert log.count("OCI Monitoring: the load was not posted") == 1, log
+            reason = "no answer in 0.5 s" if endpoint == "hanging" else "500"
+            assert reason in log
+        finally:
+            release.set()
