@@ -18,7 +18,9 @@ Two traffic classes share the slots. Waiting interactive jobs start first (FIFO 
 a batch job (`Job.batch`: a batch key's) starts only when no interactive job waits, and batch
 jobs together hold at most n_slots - 1 slots, so one is always free for the next interactive
 request (a batch request of more choices than that runs only when no other batch job does).
-Interactive prompts are also read first when several slots read theirs.
+Interactive prompts are read first, and batch prompts at most `batch_prefill` tokens a step
+(none in a step that reads an interactive one): a step that a chat's first token waits for
+stays short, at some cost to a batch job of long prompts.
 
 Log probabilities are computed only for requests that ask (`GenerationParams.logprobs`), from
 the logits of the step, on this thread. A request that scores its prompt asks llama.cpp for
@@ -164,6 +166,11 @@ class SlotScheduler:
     def batch_slots(self) -> int:
         """Most slots batch jobs hold together: all but one (the one, with a single slot)."""
         return max(1, len(self.slots) - 1)
+
+    @property
+    def batch_prefill(self) -> int:
+        """Most batch prompt tokens read in one step."""
+        return max(8, self.config.prefill_chunk // 4)
 
     def _in_admission_order(self, new: Job | None = None) -> list[Job]:
         """The waiting jobs (and `new`, last of its class) in the order they start: the
@@ -375,12 +382,19 @@ class SlotScheduler:
             (s for s in self.slots if s.prefilling),
             key=lambda s: (s.job is not None and s.job.batch, s.started),
         )
+        # A step that reads an interactive prompt reads no batch prompt, and batch prompts are
+        # read a quarter chunk a step: a chat's first token waits for few batch prompt tokens.
+        chat_reads = any(s.job is not None and not s.job.batch for s in prefilling)
         for slot in prefilling:
             if budget <= 0:
                 break
             assert slot.job is not None
             if slot.leader is not None:  # its leader reads the prompt
                 continue
+            if slot.job.batch:
+                if chat_reads:
+                    break
+                budget = min(budget, self.batch_prefill)
             prompt = slot.prompt
             score = slot.job.params.score_prompt
             size = min(budget, score_budget) if score else budget
