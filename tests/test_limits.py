@@ -25,6 +25,20 @@ def test_a_prompt_over_max_prompt_tokens_gets_400_naming_the_limit(start_server:
     assert short.status_code == 200
 
 
+def test_a_context_smaller_than_the_batch_takes_every_prompt_that_fits(start_server: Any) -> None:
+    # llama.cpp takes a batch no larger than the context (320 here, where N_BATCH asks 512) and
+    # rounds the context up (to 512): a prompt between the two once reached llama.cpp in one
+    # decode larger than its batch, and its assertion ended the process.
+    node = start_server(n_ctx=320, n_slots=1)
+    for words in (430, 505):
+        reply = httpx.post(
+            node.url("/generate"), json={"prompt": "hello " * words, "max_tokens": 4}, timeout=120
+        )
+        assert reply.status_code in (200, 400), reply.text
+        assert node.process.poll() is None
+    assert httpx.get(node.url("/health/ready")).status_code == 200
+
+
 def test_max_tokens_above_the_cap_gets_400_naming_the_cap(start_server: Any) -> None:
     node = start_server(max_tokens_cap=64)
     response = httpx.post(node.url("/generate"), json={"prompt": "hi", "max_tokens": 65})

@@ -138,7 +138,9 @@ class LlamaModel:
             raise ModelError(f"llama.cpp could not create a context of {n_ctx} tokens for {path}")
         self.memory = C.llama_get_memory(self.ctx)
         self.n_ctx_seq = int(C.llama_n_ctx_seq(self.ctx))
-        self.n_batch = n_batch
+        # llama.cpp may take a smaller batch than asked (never more than the context): a decode
+        # of more tokens than it took aborts the process (GGML_ASSERT), so this is the bound.
+        self.n_batch = min(n_batch, int(C.llama_n_batch(self.ctx)), int(C.llama_n_ubatch(self.ctx)))
         self.n_vocab = int(C.llama_vocab_n_tokens(self.vocab))
         self.n_params = int(C.llama_model_n_params(self.model))
         self._piece_buf = ctypes.create_string_buffer(256)
