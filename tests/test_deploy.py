@@ -237,7 +237,8 @@ def test_the_unit_stages_the_key_file_for_the_service_at_start_and_reload(tmp_pa
     stage = unit_command(unit, "ExecStartPre")
     assert unit_command(unit, "ExecReload") == stage
     reloads = re.findall(r"^ExecReload=(.*)$", unit, re.M)
-    assert reloads[1:] == ["/bin/kill -HUP $MAINPID"]
+    assert reloads[0].endswith("/gguf-appliance vault-secrets")  # the key file from the Vault
+    assert reloads[2:] == ["/bin/kill -HUP $MAINPID"]
     assert "Environment=GGUF_APPLIANCE_API_KEY_FILE=/run/gguf-appliance-keys/api-keys" in unit
     assert "RuntimeDirectory=gguf-appliance" in unit
     assert "ExecStopPost=+/bin/rm -rf /run/gguf-appliance-keys" in unit

@@ -34,6 +34,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_vault_secrets(args: argparse.Namespace) -> int:
+    from .oci_auth import OciUnavailable
+    from .oci_secrets import VaultSecretError, write_vault_secrets
+
+    settings = _settings(args)
+    configure_logging(settings.log_level, settings.log_format)
+    try:
+        write_vault_secrets(settings, args.key_file, args.hf_token_file)
+    except (VaultSecretError, OciUnavailable) as exc:
+        print(
+            f"gguf-appliance: secrets not written, the files stay as they were: {exc}",
+            file=sys.stderr,
+        )
+        return EXIT_TEMPORARY
+    return 0
+
+
 def cmd_fetch(args: argparse.Namespace) -> int:
     from .sources import fetch_model
 
@@ -328,6 +345,18 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--rounds", type=_positive, default=2, help="runs per cell, best kept (2)")
     bench.add_argument("--json", type=Path, default=None, help="also write the results here")
     bench.set_defaults(func=cmd_bench)
+
+    vault = sub.add_parser(
+        "vault-secrets",
+        help="write the API keys and the Hugging Face token from OCI Vault secrets",
+        description="Read the OCI Vault secrets the settings name (OCI_API_KEY_SECRETS, "
+        "OCI_HF_TOKEN_SECRET) and replace the key file (as sha256: digests) and the token "
+        "file, mode 0600. Nothing named: nothing done. A secret that cannot be read leaves both "
+        f"files as they were; exit status {EXIT_TEMPORARY} (the Vault may answer later).",
+    )
+    vault.add_argument("--key-file", type=Path, default=Path("/etc/gguf-appliance/api-keys"))
+    vault.add_argument("--hf-token-file", type=Path, default=Path("/etc/gguf-appliance/hf-token"))
+    vault.set_defaults(func=cmd_vault_secrets)
 
     settings = sub.add_parser("settings", help="print the effective settings")
     settings.add_argument("--markdown", action="store_true", help="the table of every setting")

@@ -339,6 +339,9 @@ class Settings(BaseSettings):
         None,
         description="OCID of an OCI Vault secret holding a Hugging Face token, for gated models.",
     )
+    oci_secrets_timeout: float = Field(
+        10.0, gt=0, le=120, description="Seconds a read of an OCI Vault secret may take."
+    )
     oci_secrets_endpoint: str | None = Field(
         None,
         description="Vault secrets endpoint (default: "
