@@ -138,23 +138,52 @@ def test_pool_spreads_over_fault_domains_behind_the_balancer(tf: dict[str, Any])
     assert balancer["port"] == 80
 
 
-def test_autoscaling_on_cpu_between_min_and_max(tf: dict[str, Any]) -> None:
+def test_autoscaling_on_the_nodes_load_holding_scale_in_while_streams_are_in_flight(
+    tf: dict[str, Any],
+) -> None:
     (scaling,) = resources(tf, "oci_autoscaling_auto_scaling_configuration").values()
     assert scaling["auto_scaling_resources"][0]["id"] == "${oci_core_instance_pool.nodes.id}"
     (policy,) = scaling["policies"]
     capacity = policy["capacity"][0]
     assert capacity["min"] == "${var.pool_min_nodes}"
     assert capacity["max"] == "${var.pool_max_nodes}"
-    rules = {
-        (r["metric"][0]["metric_type"], r["metric"][0]["threshold"][0]["operator"]): r
-        for r in policy["rules"]
-    }
-    out = rules['"CPU_UTILIZATION"', '"GT"']
+    rules = {hcl_string(r["display_name"]): r for r in policy["rules"]}
+    out, shrink = rules["scale-out"], rules["scale-in"]
     assert out["action"][0]["value"] == 1
-    assert out["metric"][0]["threshold"][0]["value"] == "${var.scale_out_cpu_percent}"
-    shrink = rules['"CPU_UTILIZATION"', '"LT"']
     assert shrink["action"][0]["value"] == -1
+    for rule in (out, shrink):
+        metric = rule["metric"][0]
+        assert hcl_string(metric["metric_source"]) == "CUSTOM_QUERY"
+        assert metric["namespace"] == "${var.metrics_namespace}"
+    # The metrics the nodes post (gguf_appliance.oci_metrics), for this pool only.
+    grow = hcl_string(out["metric"][0]["query"])
+    assert grow.startswith('busy_slot_ratio[1m]{pool = "${var.name}"}.grouping().mean() > ')
+    assert "${var.scale_out_busy_ratio}" in grow and "queue_depth[1m]" in grow
+    # Scale-in only when no node has a stream in flight or a request queued.
+    held = hcl_string(shrink["metric"][0]["query"])
+    assert held == (
+        'busy_slots[1m]{pool = "${var.name}"}.grouping().max() < 1 && '
+        'queue_depth[1m]{pool = "${var.name}"}.grouping().max() < 1'
+    )
+    assert hcl_string(shrink["metric"][0]["pending_duration"]) == "PT${var.scale_in_idle_minutes}M"
     assert default(tf, "pool_min_nodes") <= default(tf, "pool_max_nodes")
+
+
+def test_nodes_may_post_only_their_namespace_and_read_only_their_secrets(
+    tf: dict[str, Any],
+) -> None:
+    (group,) = resources(tf, "oci_identity_dynamic_group").values()
+    assert "${var.compartment_ocid}" in group["matching_rule"]
+    assert "tag.${oci_identity_tag_namespace.pool.name}" in group["matching_rule"]
+    (config,) = resources(tf, "oci_core_instance_configuration").values()
+    tags = config["instance_details"][0]["launch_details"][0]["defined_tags"]
+    assert list(tags.values()) == ["${var.name}"]
+    (policy,) = resources(tf, "oci_identity_policy").values()
+    statements = compact(policy["statements"])
+    assert "tousemetricsincompartmentid${var.compartment_ocid}" in statements
+    assert "wheretarget.metrics.namespace='${var.metrics_namespace}'" in statements
+    assert "toreadsecret-bundlesintenancywheretarget.secret.id='${id}'" in statements
+    assert "manage" not in statements and "secret-family" not in statements
 
 
 def test_balancer_checks_ready_expecting_200_and_keeps_long_streams(tf: dict[str, Any]) -> None:
@@ -199,6 +228,27 @@ def test_nodes_take_port_80_from_the_balancer_only(tf: dict[str, Any]) -> None:
 
 
 DIGEST = hashlib.sha256(b"a key of the operator's own making").hexdigest()
+OCI_VALUES = {
+    "compartment_ocid": "ocid1.compartment.oc1..pool",
+    "metrics_namespace": "gguf_appliance",
+    "name": "gguf-appliance",
+    "api_key_secrets_line": "ocid1.vaultsecret.oc1..a,ocid1.vaultsecret.oc1..b",
+    "hf_token_secret": "",
+}
+OCI_BLOCK = (
+    "      GGUF_APPLIANCE_OCI_METRICS_COMPARTMENT=ocid1.compartment.oc1..pool\n"
+    "      GGUF_APPLIANCE_OCI_METRICS_NAMESPACE=gguf_appliance\n"
+    "      GGUF_APPLIANCE_OCI_METRICS_POOL=gguf-appliance\n"
+    "      GGUF_APPLIANCE_OCI_API_KEY_SECRETS=ocid1.vaultsecret.oc1..a,ocid1.vaultsecret.oc1..b\n"
+    "      GGUF_APPLIANCE_OCI_HF_TOKEN_SECRET=\n"
+)
+
+
+def without_oci_block(rendered: str) -> str:
+    """The rendered user data with the OCI settings (where each node posts its load, which
+    secrets it reads) put back to cloud-init.yaml's marker line, after checking them."""
+    assert rendered.count(OCI_BLOCK) == 1, rendered
+    return rendered.replace(OCI_BLOCK, "      # OCI settings: deploy/oci sets them here.\n")
 
 
 def test_user_data_is_the_repository_cloud_init_with_four_lines_set(tf: dict[str, Any]) -> None:
@@ -227,9 +277,10 @@ def test_user_data_is_the_repository_cloud_init_with_four_lines_set(tf: dict[str
         "appliance_version": default(tf, "appliance_version"),
         "lb_subnet_cidr": default(tf, "lb_subnet_cidr"),
         "api_key_sha256s_line": DIGEST,
+        **OCI_VALUES,
     }
     assert defaults["appliance_version"] == importlib.metadata.version("gguf-appliance")
-    rendered = render_user_data(tf, defaults)
+    rendered = without_oci_block(render_user_data(tf, defaults))
     changed = [
         (a, b)
         for a, b in zip(cloud_init.splitlines(), rendered.splitlines(), strict=True)
@@ -246,8 +297,9 @@ def test_user_data_is_the_repository_cloud_init_with_four_lines_set(tf: dict[str
         "appliance_version": "0.2.1",
         "lb_subnet_cidr": "10.9.1.0/24",
         "api_key_sha256s_line": f"{DIGEST},{DIGEST[::-1]}",
+        **OCI_VALUES,
     }
-    rendered = render_user_data(tf, chosen)
+    rendered = without_oci_block(render_user_data(tf, chosen))
     assert len(rendered.splitlines()) == len(cloud_init.splitlines())
     changed_lines = [
         b.strip()
@@ -276,6 +328,7 @@ def test_rendered_user_data_passes_the_cloud_init_schema(
                 "appliance_version": "0.1.0",
                 "lb_subnet_cidr": "10.0.1.0/24",
                 "api_key_sha256s_line": DIGEST,
+                **OCI_VALUES,
             },
         )
     )
@@ -302,7 +355,9 @@ def test_nodes_need_an_api_key_and_the_user_data_holds_only_its_digest(
     # No digests given: Terraform makes one key, shows it as a sensitive output, and sends the
     # nodes its SHA-256 alone; digests given: those, and no key is made.
     (made,) = resources(tf, "random_password").values()
-    assert compact(made["count"]) == "${length(var.api_key_sha256s)==0?1:0}"
+    assert compact(made["count"]) == (
+        "${length(var.api_key_sha256s)==0&&length(var.api_key_secret_ocids)==0?1:0}"
+    )
     assert made["length"] >= 32
     local = locals_(tf)
     assert compact(local["api_key_sha256s"]) == (
@@ -322,6 +377,12 @@ def test_nodes_need_an_api_key_and_the_user_data_holds_only_its_digest(
         "var.appliance_version",
         "var.lb_subnet_cidr",
         "local.api_key_sha256s_line",
+        # Where to post the load, which secrets to read: OCIDs and names, never a secret.
+        "var.compartment_ocid",
+        "var.metrics_namespace",
+        "var.name",
+        "local.api_key_secrets_line",
+        "local.hf_token_secret",
     }
 
     (check,) = variables(tf)["api_key_sha256s"]["validation"]

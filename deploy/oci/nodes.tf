@@ -1,5 +1,6 @@
 # The nodes: one instance configuration (shape, image, network, user data), a pool of it spread
-# over the availability domain's fault domains, and CPU-based autoscaling between min and max.
+# over the availability domain's fault domains, and autoscaling on the nodes' load (custom
+# metrics they post, docs/oci-scaling.md) between min and max.
 
 data "oci_identity_availability_domains" "region" {
   compartment_id = var.compartment_ocid
@@ -8,7 +9,7 @@ data "oci_identity_availability_domains" "region" {
 # The API key, when the operator gives no digests: kept in the Terraform state (treat the state
 # as a secret), shown by `terraform output -raw api_key`; only its SHA-256 goes to the nodes.
 resource "random_password" "api_key" {
-  count   = length(var.api_key_sha256s) == 0 ? 1 : 0
+  count   = length(var.api_key_sha256s) == 0 && length(var.api_key_secret_ocids) == 0 ? 1 : 0
   length  = 43
   special = false
 }
@@ -20,6 +21,8 @@ locals {
   # operator's, or else the one made above.
   api_key_sha256s      = concat(var.api_key_sha256s, [for key in random_password.api_key : sha256(key.result)])
   api_key_sha256s_line = join(",", local.api_key_sha256s)
+  api_key_secrets_line = join(",", var.api_key_secret_ocids)
+  hf_token_secret      = coalesce(var.hf_token_secret_ocid, "")
 
   # The user data is the repository's cloud-init.yaml, with the lines below set from the
   # variables. Each pattern is an RE2 expression (slashes make replace() read it as one) that
@@ -42,6 +45,12 @@ locals {
       text    = "LB_SUBNET=${var.lb_subnet_cidr}"
       count   = 1
     }
+    # Where each node posts its load and which Vault secrets it reads (OCIDs, never a secret).
+    oci = {
+      pattern = "/# OCI settings: deploy/oci sets them here./"
+      text    = "GGUF_APPLIANCE_OCI_METRICS_COMPARTMENT=${var.compartment_ocid}\n      GGUF_APPLIANCE_OCI_METRICS_NAMESPACE=${var.metrics_namespace}\n      GGUF_APPLIANCE_OCI_METRICS_POOL=${var.name}\n      GGUF_APPLIANCE_OCI_API_KEY_SECRETS=${local.api_key_secrets_line}\n      GGUF_APPLIANCE_OCI_HF_TOKEN_SECRET=${local.hf_token_secret}"
+      count   = 1
+    }
     # The API keys' digests: the node needs a key, and the user data holds no key itself.
     api_keys = {
       pattern = "/API_KEY_SHA256S=.*/"
@@ -53,12 +62,15 @@ locals {
     replace(
       replace(
         replace(
-          file(local.cloud_init_path),
-          local.user_data_edits.model.pattern, local.user_data_edits.model.text
+          replace(
+            file(local.cloud_init_path),
+            local.user_data_edits.model.pattern, local.user_data_edits.model.text
+          ),
+          local.user_data_edits.version.pattern, local.user_data_edits.version.text
         ),
-        local.user_data_edits.version.pattern, local.user_data_edits.version.text
+        local.user_data_edits.lb_subnet.pattern, local.user_data_edits.lb_subnet.text
       ),
-      local.user_data_edits.lb_subnet.pattern, local.user_data_edits.lb_subnet.text
+      local.user_data_edits.oci.pattern, local.user_data_edits.oci.text
     ),
     local.user_data_edits.api_keys.pattern, local.user_data_edits.api_keys.text
   )
@@ -100,6 +112,10 @@ resource "oci_core_instance_configuration" "node" {
       }
       metadata = {
         user_data = base64encode(local.user_data)
+      }
+      # The dynamic group (iam.tf) matches the pool's nodes on this tag.
+      defined_tags = {
+        "${oci_identity_tag_namespace.pool.name}.${oci_identity_tag.pool.name}" = var.name
       }
     }
   }
@@ -151,8 +167,12 @@ resource "oci_autoscaling_auto_scaling_configuration" "nodes" {
     type = "instancePool"
   }
 
+  # On the load the nodes post (oci_metrics.py), not on CPU: a node is near 100% CPU as soon as
+  # one stream decodes. Out: the pool's slots are mostly busy, or requests queue. In: only when
+  # no node has had a stream in flight or a request queued for scale_in_idle_minutes, so the node
+  # taken away cuts no stream short (it would drain anyway, for drain_timeout at most).
   policies {
-    display_name = "cpu"
+    display_name = "load"
     policy_type  = "threshold"
     capacity {
       initial = var.pool_min_nodes
@@ -166,11 +186,11 @@ resource "oci_autoscaling_auto_scaling_configuration" "nodes" {
         value = 1
       }
       metric {
-        metric_type = "CPU_UTILIZATION"
-        threshold {
-          operator = "GT"
-          value    = var.scale_out_cpu_percent
-        }
+        metric_source         = "CUSTOM_QUERY"
+        metric_compartment_id = var.compartment_ocid
+        namespace             = var.metrics_namespace
+        query                 = "busy_slot_ratio[1m]{pool = \"${var.name}\"}.grouping().mean() > ${var.scale_out_busy_ratio} || queue_depth[1m]{pool = \"${var.name}\"}.grouping().max() > 0"
+        pending_duration      = "PT3M"
       }
     }
     rules {
@@ -180,11 +200,11 @@ resource "oci_autoscaling_auto_scaling_configuration" "nodes" {
         value = -1
       }
       metric {
-        metric_type = "CPU_UTILIZATION"
-        threshold {
-          operator = "LT"
-          value    = var.scale_in_cpu_percent
-        }
+        metric_source         = "CUSTOM_QUERY"
+        metric_compartment_id = var.compartment_ocid
+        namespace             = var.metrics_namespace
+        query                 = "busy_slots[1m]{pool = \"${var.name}\"}.grouping().max() < 1 && queue_depth[1m]{pool = \"${var.name}\"}.grouping().max() < 1"
+        pending_duration      = "PT${var.scale_in_idle_minutes}M"
       }
     }
   }

@@ -1,4 +1,4 @@
-# Every input of the pool. Only the first three have no default.
+# Every input of the pool. Only the first four have no default.
 
 variable "region" {
   type        = string
@@ -13,6 +13,11 @@ variable "compartment_ocid" {
 variable "image_ocid" {
   type        = string
   description = "OCID of the nodes' boot image in this region: an Ubuntu 22.04 or 24.04 aarch64 platform image (cloud-init.yaml bootstraps either)."
+}
+
+variable "tenancy_ocid" {
+  type        = string
+  description = "OCID of the tenancy: the nodes' dynamic group and its policy live in its root compartment."
 }
 
 variable "oci_config_profile" {
@@ -95,23 +100,33 @@ variable "pool_max_nodes" {
   }
 }
 
-variable "scale_out_cpu_percent" {
+variable "scale_out_busy_ratio" {
   type        = number
-  default     = 70
-  description = "Average CPU use of the pool above which autoscaling adds a node. A node runs at nearly 100% while it streams any answer, so this is the share of time the nodes are busy."
+  default     = 0.75
+  description = "Busy slots over slots, averaged over the pool's nodes for 3 minutes, above which autoscaling adds a node (so does any request waiting in a queue for 3 minutes). The nodes post it to OCI Monitoring (docs/oci-scaling.md); CPU says nothing here, a node being near 100% as soon as one stream decodes."
   validation {
-    condition     = var.scale_out_cpu_percent > 0 && var.scale_out_cpu_percent <= 100
-    error_message = "scale_out_cpu_percent must be in (0, 100]."
+    condition     = var.scale_out_busy_ratio > 0 && var.scale_out_busy_ratio <= 1
+    error_message = "scale_out_busy_ratio must be in (0, 1]."
   }
 }
 
-variable "scale_in_cpu_percent" {
+variable "scale_in_idle_minutes" {
   type        = number
-  default     = 20
-  description = "Average CPU use of the pool below which autoscaling removes a node."
+  default     = 10
+  description = "Minutes with no stream in flight and no request queued on any node before autoscaling removes one: scale-in never cuts a stream short."
   validation {
-    condition     = var.scale_in_cpu_percent >= 0 && var.scale_in_cpu_percent < var.scale_out_cpu_percent
-    error_message = "scale_in_cpu_percent must be below scale_out_cpu_percent."
+    condition     = var.scale_in_idle_minutes >= 3 && var.scale_in_idle_minutes <= 60
+    error_message = "scale_in_idle_minutes must be between 3 and 60."
+  }
+}
+
+variable "metrics_namespace" {
+  type        = string
+  default     = "gguf_appliance"
+  description = "OCI Monitoring namespace the nodes post their load to (GGUF_APPLIANCE_OCI_METRICS_NAMESPACE); the nodes' policy allows this namespace only."
+  validation {
+    condition     = can(regex("^[a-z][a-z0-9_]*$", var.metrics_namespace)) && !startswith(var.metrics_namespace, "oci_")
+    error_message = "metrics_namespace must be lower-case letters, digits and _, not starting with oci_."
   }
 }
 
@@ -194,6 +209,26 @@ variable "api_key_sha256s" {
   validation {
     condition     = alltrue([for d in var.api_key_sha256s : can(regex("^[0-9a-f]{64}$", d))])
     error_message = "api_key_sha256s must be SHA-256 digests: 64 lower-case hex digits each."
+  }
+}
+
+variable "api_key_secret_ocids" {
+  type        = list(string)
+  default     = []
+  description = "OCIDs of OCI Vault secrets holding the API keys (one key, or sha256: and its digest, a line). Each node reads them as itself at start and on `systemctl reload gguf-appliance` into its root-only key file; neither the keys nor the secrets' content are in the user data or the state. Given: no key is made, and api_key_sha256s is not needed."
+  validation {
+    condition     = alltrue([for id in var.api_key_secret_ocids : can(regex("^ocid1\\.vaultsecret\\.[^\\s$]+$", id))])
+    error_message = "api_key_secret_ocids must be Vault secret OCIDs (ocid1.vaultsecret....)."
+  }
+}
+
+variable "hf_token_secret_ocid" {
+  type        = string
+  default     = null
+  description = "OCID of an OCI Vault secret holding a Hugging Face token, for a gated model: read by each node into /etc/gguf-appliance/hf-token (root only)."
+  validation {
+    condition     = var.hf_token_secret_ocid == null || can(regex("^ocid1\\.vaultsecret\\.[^\\s$]+$", var.hf_token_secret_ocid))
+    error_message = "hf_token_secret_ocid must be a Vault secret OCID (ocid1.vaultsecret....)."
   }
 }
 
