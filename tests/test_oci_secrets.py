@@ -93,7 +93,11 @@ def test_keys_and_token_come_from_the_vault_into_root_only_files_never_logged(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     state, stand_in = vault
-    state.secrets = {KEYS_SECRET: f"{KEY_A}\n# a comment\n", TOKEN_SECRET: TOKEN + "\n"}
+    batch_key = "batch-key-" + "z" * 20
+    state.secrets = {
+        KEYS_SECRET: f"{KEY_A}\n# a comment\nbatch:{batch_key}\n",
+        TOKEN_SECRET: TOKEN + "\n",
+    }
     caplog.set_level(logging.DEBUG)
 
     assert (
@@ -118,7 +122,12 @@ def test_keys_and_token_come_from_the_vault_into_root_only_files_never_logged(
     assert token_file.read_text() == TOKEN + "\n"
     assert key_file.stat().st_mode & 0o777 == 0o600
     assert token_file.stat().st_mode & 0o777 == 0o600
-    assert ApiKeys(key_file=key_file).authorized(f"Bearer {KEY_A}".encode())
+    keys = ApiKeys(key_file=key_file)
+    assert keys.authorized(f"Bearer {KEY_A}".encode())
+    # A key marked batch in the Vault stays a batch key (keys.py's `batch:sha256:` line).
+    assert f"batch:sha256:{key_digest(batch_key).hex()}" in text.splitlines()
+    digest = keys.match(f"Bearer {batch_key}".encode())
+    assert digest is not None and keys.is_batch(digest)
     out = capsys.readouterr()
     for said in (caplog.text, out.out, out.err):
         assert KEY_A not in said and TOKEN not in said

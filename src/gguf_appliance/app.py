@@ -37,12 +37,13 @@ from .systemd import SystemdNotifier
 log = logging.getLogger("gguf_appliance.app")
 
 
-# What a browser may send cross-origin: the key (either way), the body's type, a request id, and
-# the headers the official OpenAI and Anthropic JavaScript clients add in a browser.
+# What a browser may send cross-origin: the key (either way), the body's type, a request id, the
+# traffic class, and the headers the official OpenAI and Anthropic JavaScript clients add.
 CORS_HEADERS = [
     "Authorization",
     "Content-Type",
     "X-Request-ID",
+    "X-Traffic-Class",
     "x-api-key",
     "anthropic-version",
     "anthropic-beta",

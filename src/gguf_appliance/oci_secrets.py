@@ -76,26 +76,30 @@ def sdk_secret_reader(
 
 
 def key_lines(secret_id: str, text: str) -> list[str]:
-    """A secret's keys as `sha256:HEX` lines; a line that is no key fails (line number only)."""
+    """A secret's keys as `sha256:HEX` lines (`batch:sha256:HEX` for a key marked batch: keys.py's
+    form); a line that is no key fails (line number only)."""
     lines = []
     for number, line in enumerate(text.splitlines(), start=1):
         key = line.strip()
         if not key or key.startswith("#"):
             continue
+        mark = ""
+        if key.startswith("batch:"):
+            mark, key = "batch:", key.removeprefix("batch:")
         if key.startswith("sha256:") and len(key) == 71:
             try:
                 bytes.fromhex(key[7:])
             except ValueError:
                 pass
             else:
-                lines.append(key.lower())
+                lines.append(mark + key.lower())
                 continue
         if len(key) < MIN_KEY_LENGTH or any(ch.isspace() for ch in key):
             raise VaultSecretError(
                 f"secret {secret_id}, line {number}: a key is one word of at least "
                 f"{MIN_KEY_LENGTH} characters, or sha256: and the key's 64 hex digits"
             )
-        lines.append("sha256:" + key_digest(key).hex())
+        lines.append(mark + "sha256:" + key_digest(key).hex())
     return lines
 
 

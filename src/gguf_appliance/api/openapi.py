@@ -491,6 +491,20 @@ def _operation(
         operation["description"] = description
     if body:
         operation["requestBody"] = {"required": True, "content": _json(body)}
+    if protected:  # /generate and /v1: the limits of a key (or of an address sending one)
+        responses["429"] = {
+            **_error(
+                "The key is over its requests a second or its streams (KEY_RATE, "
+                "KEY_CONCURRENCY; the BATCH_ ones for a batch key), or on an open API the "
+                "address that sends a key header is (`code: rate_limited`, with Retry-After)."
+            ),
+            "headers": {
+                "Retry-After": {
+                    "description": "Seconds to wait before retrying.",
+                    "schema": {"type": "string", "pattern": "^[0-9]+$"},
+                }
+            },
+        }
     if protected and keys:
         operation["security"] = [{"bearer": []}]
         responses["401"] = {
