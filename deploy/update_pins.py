@@ -57,12 +57,24 @@ def resolve(python: str, requirements: list[str]) -> dict[str, str]:
     }
 
 
+def _node_requirement(requirement: str) -> bool:
+    """A runtime requirement, or the OCI SDK of the `oci` extra (not llama-cpp-python: above)."""
+    name, _, marker = requirement.partition(";")
+    if name.startswith("llama-cpp-python"):
+        return False
+    if "extra" not in marker:
+        return True
+    return name.strip().startswith("oci>") and "'oci'" in marker.replace('"', "'")
+
+
 def main() -> None:
-    # The installed package's own metadata (`pip install -e .` keeps it in step with pyproject).
+    # The installed package's own metadata (`pip install -e .` keeps it in step with pyproject),
+    # and the OCI SDK of its `oci` extra, which cloud-init installs beside it: a pool node posts
+    # its load to OCI Monitoring and reads Vault secrets with it.
     requirements = [
-        r
+        r.split(";", 1)[0].strip()
         for r in importlib.metadata.requires("gguf-appliance") or []
-        if "extra ==" not in r and not r.startswith("llama-cpp-python")
+        if _node_requirement(r)
     ]
     version = importlib.metadata.version("gguf-appliance")
     pythons = ("3.10", "3.11", "3.12")
