@@ -172,24 +172,20 @@ def test_a_grammar_holds_for_every_slot_of_a_sampled_batch(batch_engine: Engine)
     )
 
     async def run() -> list[tuple[str, DoneEvent]]:
-        runs = [
-            collect(
-                batch_engine,
-                prompt,
-                GenerationParams(
-                    max_tokens=16,
-                    sampling=SamplingParams(
-                        temperature=1.5,
-                        top_k=0,
-                        min_p=0,
-                        seed=seed,
-                        grammar=Constraint.gbnf(grammar),
-                    ),
-                ),
+        # At most as many at once as the engine keeps grammar workers (N_SLOTS + 2): a 7th
+        # would be refused with 503 whenever the earlier ones had not ended yet.
+        gate = asyncio.Semaphore(4 + 2)
+
+        async def one(seed: int) -> tuple[str, DoneEvent]:
+            sampling = SamplingParams(
+                temperature=1.5, top_k=0, min_p=0, seed=seed, grammar=Constraint.gbnf(grammar)
             )
-            for seed in range(12)
-        ]
-        return await asyncio.gather(*runs)
+            async with gate:
+                return await collect(
+                    batch_engine, prompt, GenerationParams(max_tokens=16, sampling=sampling)
+                )
+
+        return await asyncio.gather(*(one(seed) for seed in range(12)))
 
     results = asyncio.run(run())
     assert all(text in labels for text, _ in results), [text for text, _ in results]
