@@ -432,15 +432,9 @@ class Mistral(NativeSyntax):
             text, calls = "", body
         reading = Reading(text)
         scan = _Scanner(calls)
-        if not scan.take("["):
-            return reading
-        while True:
-            call = _call_object(scan, ("arguments",))
-            if call is None:
-                return reading
-            reading.calls.append(call)
-            if not (call[2] and scan.take("}") and scan.take(",")):
-                return reading
+        if scan.take("["):
+            _call_list(scan, reading)
+        return reading
 
 
 def syntax_of(template: str | None) -> ToolSyntax:
@@ -513,15 +507,20 @@ def _read(raw: str, final: bool = False) -> Reading:
     if key == "response":
         reading.text = scan.string_prefix()
         return reading
-    if key != "tool_calls" or not scan.take("["):
-        return reading
+    if key == "tool_calls" and scan.take("["):
+        _call_list(scan, reading)
+    return reading
+
+
+def _call_list(scan: _Scanner, reading: Reading) -> None:
+    """The call objects of a JSON array whose `[` the scanner has read, as far as written."""
     while True:
         call = _call_object(scan, ("arguments",))
         if call is None:
-            return reading
+            return
         reading.calls.append(call)
         if not (call[2] and scan.take("}") and scan.take(",")):
-            return reading
+            return
 
 
 class _Scanner:

@@ -469,19 +469,30 @@ def schema_to_gbnf(
     schema: Any, *, param: str = "response_format", limits: GrammarLimits = LIMITS
 ) -> str:
     """A GBNF grammar for JSON matching `schema`, checked like any request's grammar."""
-    from llama_cpp.llama_grammar import json_schema_to_gbnf
-
     check_schema(schema, param=param, limits=limits)
+    _, grammar = _convert(schema, "", param)
+    check_gbnf(grammar, param=param, limits=limits)
+    return grammar
+
+
+def _convert(schema: Any, name: str, param: str) -> tuple[str, str]:
+    """llama-cpp-python's JSON-schema converter on `schema`, its top rule named `name` ("":
+    root): that rule's name and the grammar's rules."""
+    from llama_cpp.llama_grammar import SchemaConverter
+
+    converter: Any = cast(Any, SchemaConverter)(
+        prop_order={}, allow_fetch=False, dotall=False, raw_pattern=False
+    )
     try:
-        grammar = str(json_schema_to_gbnf(json.dumps(schema)))
+        own = json.loads(json.dumps(schema))  # the converter writes into what it is given
+        top = str(converter.visit(converter.resolve_refs(own, "stdin"), name))
+        return top, str(converter.format_grammar())
     except RecursionError:
         raise _refuse("this JSON schema nests too deeply", param) from None
     except Exception as exc:  # the converter raises whatever it meets on a schema it can't do
         raise _refuse(
             f"this JSON schema cannot be turned into a grammar: {str(exc)[:200]}", param
         ) from None
-    check_gbnf(grammar, param=param, limits=limits)
-    return grammar
 
 
 def json_object_gbnf() -> str:
@@ -514,22 +525,8 @@ class Frame:
 
 def framed_gbnf(frame: Frame, *, param: str, limits: GrammarLimits = LIMITS) -> str:
     """A GBNF grammar for `frame`, checked like any request's grammar."""
-    from llama_cpp.llama_grammar import SchemaConverter
-
     check_schema(frame.schema, param=param, limits=limits)
-    converter: Any = cast(Any, SchemaConverter)(
-        prop_order={}, allow_fetch=False, dotall=False, raw_pattern=False
-    )
-    try:
-        schema = converter.resolve_refs(frame.schema, "stdin")
-        value = str(converter.visit(schema, "tool-call"))
-        rules = str(converter.format_grammar())
-    except RecursionError:
-        raise _refuse("this JSON schema nests too deeply", param) from None
-    except Exception as exc:  # the converter raises whatever it meets on a schema it can't do
-        raise _refuse(
-            f"this JSON schema cannot be turned into a grammar: {str(exc)[:200]}", param
-        ) from None
+    value, rules = _convert(frame.schema, "tool-call", param)
     if re.search(r"^(root|frame-gap) ::=", rules, re.MULTILINE):  # `$ref: "#"`, or a $defs name
         raise _refuse("a tool's JSON schema refers to its own root ($ref '#')", param)
     # Some blank space is allowed around the values: a lazy grammar is given the text from its
