@@ -162,3 +162,38 @@ def test_bench_under_emulation_says_so_and_recommends_nothing() -> None:
     assert report.startswith("EMULATED: these figures are meaningless")
     assert "no recommendation" in report
     assert "GGUF_APPLIANCE_THREADS" not in report
+
+
+def test_bench_under_qemu_does_not_say_the_cpu_repacks_nothing(tmp_path: Path) -> None:
+    # qemu-user: aarch64 code reads the x86 host's /proc/cpuinfo, which has no Arm features;
+    # the build (compiled with dot products) repacks all the same, as its load log showed.
+    proc = tmp_path / "proc"
+    (proc / "sys/kernel").mkdir(parents=True)
+    (proc / "cpuinfo").write_text(
+        "processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC\n"
+        "flags\t\t: fpu sse2 avx avx2\n"
+    )
+    (proc / "sys/kernel/arch").write_text("x86_64\n")
+    cpu = read_cpu(proc, machine="aarch64")
+    assert cpu.emulation is not None
+    build = "CPU : NEON = 1 | ARM_FMA = 1 | FP16_VA = 1 | DOTPROD = 1 | OPENMP = 1 | REPACK = 1 |"
+    result = BenchResult(
+        model=Path("m.gguf"),
+        quantization="Q4_1",
+        weight_types={"Q4_1": 63 << 20, "Q8_0": 29 << 20},
+        repacked={"Q8_0": "4x4"},
+        cpu=cpu,
+        options=BenchOptions(threads=(1,), sequences=(1,)),
+        cells=[Cell(1, 1, 2.6, 2.1)],
+        build=build,
+    )
+    report = format_report(result)
+    assert "repacks on this CPU: nothing" not in report
+    assert "llama.cpp repacks on this CPU: unknown" in report
+    assert "this build repacks, by what it was compiled for: Q4_0 (4x4), Q4_K (8x4)" in report
+    assert "cpu: aarch64 under emulation" in report
+    assert "(AMD EPYC) describes the host or the emulator" in report
+    assert "repacked in this file: Q8_0 (4x4)" in report
+    as_json = result.as_dict()["cpu"]
+    assert as_json["repacks"] is None
+    assert as_json["build_repacks"]["Q8_0"] == "4x4"

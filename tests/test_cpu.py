@@ -3,7 +3,7 @@ from __future__ import annotations
 import platform
 from pathlib import Path
 
-from gguf_appliance.cpu import read_cpu
+from gguf_appliance.cpu import build_repacked_types, read_cpu
 
 X86_CPUINFO = """processor\t: 0
 vendor_id\t: AuthenticAMD
@@ -130,3 +130,22 @@ def test_this_machine_is_not_emulated() -> None:
     assert cpu.emulation is None
     assert cpu.cores >= 1
     assert cpu.logical >= cpu.cores
+
+
+def test_an_arm_build_repacks_by_what_it_was_compiled_for() -> None:
+    # llama_print_system_info of `make arm64-wheel`'s build (armv8.2-a+dotprod+fp16).
+    dotprod = "CPU : NEON = 1 | ARM_FMA = 1 | FP16_VA = 1 | DOTPROD = 1 | OPENMP = 1 | REPACK = 1 |"
+    assert build_repacked_types("arm", dotprod)["Q4_0"] == "4x4"
+    assert build_repacked_types("arm", dotprod)["Q8_0"] == "4x4"
+    i8mm = dotprod.replace("DOTPROD = 1 |", "DOTPROD = 1 | MATMUL_INT8 = 1 |")
+    assert build_repacked_types("arm", i8mm)["Q4_0"] == "4x8"
+    # Built for plain armv8-a: nothing, whatever the CPU can do.
+    assert build_repacked_types("arm", "CPU : NEON = 1 | ARM_FMA = 1 | REPACK = 1 |") == {}
+    assert build_repacked_types("arm", dotprod.replace("DOTPROD = 1", "DOTPROD = 0")) == {}
+
+
+def test_an_x86_build_repacks_with_avx2() -> None:
+    build = "CPU : SSE3 = 1 | AVX = 1 | AVX2 = 1 | F16C = 1 | FMA = 1 | AVX512 = 1 | REPACK = 1 |"
+    assert build_repacked_types("x86", build)["Q4_0"] == "8x8"
+    assert build_repacked_types("x86", build)["Q2_K"] == "8x8"
+    assert build_repacked_types("x86", "CPU : SSE3 = 1 | AVX = 1 | REPACK = 1 |") == {}

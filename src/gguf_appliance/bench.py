@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .cpu import CpuInfo, read_cpu
+from .cpu import CpuInfo, build_repacked_types, read_cpu
 from .errors import ModelError
 from .llama import Batch, LlamaModel, SamplingParams, build_features
 
@@ -89,7 +89,10 @@ class BenchResult:
     def as_dict(self) -> dict[str, Any]:
         cpu = asdict(self.cpu)
         cpu["features"] = sorted(self.cpu.features)
-        cpu["repacks"] = self.cpu.repacked_types()
+        # Under an emulator /proc/cpuinfo is not the emulated CPU's: what it would repack is
+        # unknown; what this build repacks follows from what it was compiled for.
+        cpu["repacks"] = None if self.cpu.emulation else self.cpu.repacked_types()
+        cpu["build_repacks"] = build_repacked_types(self.cpu.family, self.build)
         return {
             "model": str(self.model),
             "quantization": self.quantization,
@@ -375,14 +378,32 @@ def format_report(result: BenchResult) -> str:
     lines = []
     if cpu.emulation:
         lines.append(f"EMULATED: these figures are meaningless for this machine: {cpu.emulation}")
-    lines += [
+    lines.append(
         f"model: {result.model.name} ({result.quantization}; weights: "
         + ", ".join(f"{t} {n / 2**20:.0f} MiB" for t, n in result.weight_types.items())
-        + ")",
-        f"cpu: {cpu.model}, {cpu.machine}, {cpu.cores} cores ({cpu.logical} logical)",
-        f"llama.cpp build: {result.build or 'unknown'}",
-        "llama.cpp repacks on this CPU: "
-        + (", ".join(f"{t} ({lay})" for t, lay in cpu.repacked_types().items()) or "nothing"),
+        + ")"
+    )
+    if cpu.emulation:
+        # /proc/cpuinfo here is the host's (or the emulator's), not the emulated CPU's: its
+        # name and features say nothing of what this code would run on.
+        built = build_repacked_types(cpu.family, result.build)
+        lines += [
+            f"cpu: {cpu.machine} under emulation, {cpu.cores} cores ({cpu.logical} logical); "
+            f"/proc/cpuinfo here ({cpu.model}) describes the host or the emulator, not a CPU "
+            "that runs this code",
+            f"llama.cpp build: {result.build or 'unknown'}",
+            "llama.cpp repacks on this CPU: unknown (the CPU features read under emulation are "
+            "not the emulated CPU's); this build repacks, by what it was compiled for: "
+            + (", ".join(f"{t} ({lay})" for t, lay in built.items()) or "nothing"),
+        ]
+    else:
+        lines += [
+            f"cpu: {cpu.model}, {cpu.machine}, {cpu.cores} cores ({cpu.logical} logical)",
+            f"llama.cpp build: {result.build or 'unknown'}",
+            "llama.cpp repacks on this CPU: "
+            + (", ".join(f"{t} ({lay})" for t, lay in cpu.repacked_types().items()) or "nothing"),
+        ]
+    lines += [
         "repacked in this file: "
         + (", ".join(f"{t} ({lay})" for t, lay in result.repacked.items()) or "nothing"),
         f"{opts.prompt_tokens}-token prompt and {opts.gen_tokens} generated tokens per sequence,"

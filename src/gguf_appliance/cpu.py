@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import platform
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -84,6 +85,23 @@ def repacked_types(family: str, features: frozenset[str]) -> dict[str, str]:
         if "asimddp" in features and "i8mm" in features:
             types |= {"Q4_0": "4x8", "Q4_K": "8x8", "Q5_K": "8x8", "Q6_K": "8x8", "Q8_0": "4x8"}
     return types
+
+
+# llama_print_system_info's names ("DOTPROD = 1 | ...") for the CPU features the table reads.
+_BUILD_FEATURES = {
+    "arm": {"DOTPROD": "asimddp", "MATMUL_INT8": "i8mm"},
+    "x86": {"AVX2": "avx2", "AVX512": "avx512f"},
+}
+
+
+def build_repacked_types(family: str, build: str) -> dict[str, str]:
+    """The repack table for what a llama.cpp build was compiled to use (`build` is
+    llama_print_system_info's line). On Arm ggml tests these features at compile time, so this
+    is what the build repacks on any CPU that runs it; under an emulator it is all there is to
+    say, since /proc/cpuinfo there is not the emulated CPU's."""
+    used = {name for name, value in re.findall(r"(\w+) = (\d+)", build) if value != "0"}
+    names = _BUILD_FEATURES.get(family, {})
+    return repacked_types(family, frozenset(flag for name, flag in names.items() if name in used))
 
 
 def _cpuinfo_fields(text: str) -> dict[str, str]:
