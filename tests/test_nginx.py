@@ -157,6 +157,9 @@ def test_every_response_forbids_sniffing_framing_and_referrers(proxy: RunningNgi
     assert policy["default-src"] == "'none'"
     assert policy["script-src"] == policy["style-src"] == policy["connect-src"] == "'self'"
     assert "unsafe" not in page.headers["content-security-policy"]
+    # HTML reaches the DOM only through DOMPurify's Trusted Types policy, the only one allowed.
+    assert policy["require-trusted-types-for"] == "'script'"
+    assert policy["trusted-types"] == "dompurify"
     # The page gets the same policy from the app itself (make run) as through NGINX.
     assert (
         page.headers["content-security-policy"]
@@ -193,13 +196,29 @@ def test_the_page_works_under_its_content_security_policy(proxy: RunningNginx) -
             answer = page.locator("#log li.assistant").first
             expect(answer.locator(".stats")).to_contain_text("tokens", timeout=30_000)
             assert page.evaluate("window.__refused") == []
-            # The policy is in force: a script put into the page is refused.
+            # The policy is in force: HTML given to the DOM as a string is refused (Trusted
+            # Types), and so is a script put into the page.
+            refused_html = page.evaluate(
+                """() => {
+                    try {
+                        document.body.insertAdjacentHTML(
+                            'beforeend', '<img src=x onerror="window.__injected = 1">');
+                        return 'accepted';
+                    } catch (error) {
+                        return error.name;
+                    }
+                }"""
+            )
+            assert refused_html == "TypeError"
             page.evaluate(
                 "() => { const s = document.createElement('script');"
-                " s.textContent = 'window.__injected = true'; document.body.append(s); }"
+                " s.append('window.__injected = 2'); document.body.append(s); }"
             )
-            page.wait_for_function("window.__refused.length > 0")
+            page.wait_for_function("window.__refused.length >= 2")
+            refused = page.evaluate("window.__refused")
+            assert all(r.startswith("require-trusted-types-for") for r in refused), refused
             assert page.evaluate("window.__injected === undefined")
+            assert page.locator("body > img").count() == 0
         finally:
             browser.close()
 
