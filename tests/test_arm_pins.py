@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -141,7 +142,10 @@ def test_llama_cpp_python_builds_from_its_sdist_with_what_cloud_init_installs(
     )
     assert wheel.returncode != 0, "an aarch64 wheel appeared: check its tags instead"
     assert "No matching distribution" in wheel.stderr, wheel.stderr
-    packages = set(cloud_init()["packages"])
+    files = {f["path"]: f["content"] for f in cloud_init()["write_files"]}
+    line = re.search(r'^PACKAGES="([^"]*)"$', files["/etc/gguf-appliance/bootstrap.env"], re.M)
+    assert line, "no PACKAGES line in bootstrap.env"
+    packages = set(line[1].split())
     assert {"build-essential", "cmake", "python3-venv"} <= packages
     for release, _, cmake in RELEASES.values():
         assert Version(cmake) >= Version(LLAMA_CPP_BUILD["cmake"]), release

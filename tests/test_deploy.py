@@ -364,6 +364,20 @@ def first_boot_key_step(tmp_path: Path) -> str:
     return step[0].replace("/etc/gguf-appliance/api-keys", str(tmp_path / "api-keys"))
 
 
+def test_the_bootstrap_is_valid_sh_and_bakes_only_when_asked(tmp_path: Path) -> None:
+    config = yaml.safe_load((ROOT / "cloud-init.yaml").read_text())
+    files = {f["path"]: f["content"] for f in config["write_files"]}
+    script = tmp_path / "bootstrap"
+    script.write_text(files["/usr/local/sbin/gguf-appliance-bootstrap"])
+    checked = subprocess.run(["/bin/sh", "-n", str(script)], capture_output=True, text=True)
+    assert checked.returncode == 0, checked.stderr
+    # The user data's own setting is no bake: only deploy/oci's builder turns it on.
+    assert re.search(r"^GGUF_APPLIANCE_BAKE=no$", files["/etc/gguf-appliance/bootstrap.env"], re.M)
+    # cloud-init installs no package itself (its packages module updates apt's lists on every
+    # new instance, which a node booted from a baked image must not wait for).
+    assert "packages" not in config and "package_update" not in config
+
+
 def test_the_first_boot_makes_a_key_for_root_only_when_none_is_given(tmp_path: Path) -> None:
     step = first_boot_key_step(tmp_path)
     subprocess.run(["/bin/sh", "-euc", step], check=True, env={"PATH": os.environ["PATH"]})
