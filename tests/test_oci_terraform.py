@@ -22,6 +22,8 @@ from typing import Any
 import hcl2
 import pytest
 
+from gguf_appliance.sources import parse_source
+
 ROOT = Path(__file__).resolve().parents[1]
 MODULE = ROOT / "deploy" / "oci"
 CHECKOV = Path(os.environ.get("CHECKOV", ROOT / ".venv-checkov" / "bin" / "checkov"))
@@ -79,10 +81,9 @@ def compact(expression: str) -> str:
     return re.sub(r"\s+", "", expression)
 
 
-def render_user_data(tf: dict[str, Any], values: dict[str, str]) -> str:
-    """locals.user_data as Terraform computes it, for the given variable (and local) values."""
-    edits = locals_(tf)["user_data_edits"]
-    text = (ROOT / "cloud-init.yaml").read_text()
+def apply_edits(text: str, edits: dict[str, Any], values: dict[str, str]) -> str:
+    """Terraform's replace() of each edit's pattern by its text, for the given variable (and
+    local) values."""
     for edit in edits.values():
         pattern = hcl_string(edit["pattern"])
         assert pattern.startswith("/") and pattern.endswith("/"), "replace() needs /regex/"
@@ -92,6 +93,15 @@ def render_user_data(tf: dict[str, Any], values: dict[str, str]) -> str:
         assert "${" not in replacement and "$" not in replacement
         text = re.sub(pattern[1:-1], lambda _m, r=replacement: r, text)
     return text
+
+
+def render_user_data(tf: dict[str, Any], values: dict[str, str], *, builder: bool = False) -> str:
+    """locals.user_data (the nodes') or locals.builder_user_data as Terraform computes them."""
+    local = locals_(tf)
+    image = apply_edits((ROOT / "cloud-init.yaml").read_text(), local["image_edits"], values)
+    if builder:
+        return apply_edits(image, {"bake": local["bake_edit"]}, values)
+    return apply_edits(image, local["node_edits"], values)
 
 
 @pytest.fixture(scope="module")
@@ -120,8 +130,12 @@ def test_nodes_are_a2_flex_with_2_ocpus_and_16_gb_from_the_given_image(tf: dict[
     assert shape["ocpus"] == "${var.node_ocpus}" and default(tf, "node_ocpus") == 2
     assert shape["memory_in_gbs"] == "${var.node_memory_gbs}"
     assert default(tf, "node_memory_gbs") == 16
-    assert launch["source_details"][0]["image_id"] == "${var.image_ocid}"
+    assert launch["source_details"][0]["image_id"] == "${local.node_image_id}"
+    assert compact(locals_(tf)["node_image_id"]) == (
+        "${var.boot_from_baked_image?one(oci_core_image.baked[*].id):var.image_ocid}"
+    )
     assert "default" not in variables(tf)["image_ocid"]
+    assert default(tf, "boot_from_baked_image") is True
     vnic = launch["create_vnic_details"][0]
     assert vnic["assign_public_ip"] is False
     assert launch["instance_options"][0]["are_legacy_imds_endpoints_disabled"] is True
@@ -255,25 +269,35 @@ def test_user_data_is_the_repository_cloud_init_with_four_lines_set(tf: dict[str
     local = locals_(tf)
     path = hcl_string(local["cloud_init_path"]).replace("${path.module}", str(MODULE))
     assert Path(path).resolve() == ROOT / "cloud-init.yaml"
-    # user_data = replace(...(file(cloud_init_path), each edit's pattern and text)...), in order.
-    expected = "file(local.cloud_init_path)"
-    for key in local["user_data_edits"]:
-        edit = f"local.user_data_edits.{key}"
-        expected = f"replace({expected},{edit}.pattern,{edit}.text)"
-    assert compact(local["user_data"]) == "${" + expected + "}"
+
+    # image_user_data = replace(...(file(cloud_init_path), each image edit)...), in order; the
+    # nodes' user_data is that with each node edit; the builder's, that with the bake switch.
+    def nested(start: str, group: str) -> str:
+        for key in local[group]:
+            edit = f"local.{group}.{key}"
+            start = f"replace({start},{edit}.pattern,{edit}.text)"
+        return "${" + start + "}"
+
+    assert compact(local["image_user_data"]) == nested("file(local.cloud_init_path)", "image_edits")
+    assert compact(local["user_data"]) == nested("local.image_user_data", "node_edits")
+    assert compact(local["builder_user_data"]) == (
+        "${replace(local.image_user_data,local.bake_edit.pattern,local.bake_edit.text)}"
+    )
     (config,) = resources(tf, "oci_core_instance_configuration").values()
     metadata = config["instance_details"][0]["launch_details"][0]["metadata"]
     assert metadata["user_data"] == "${base64encode(local.user_data)}"
 
     cloud_init = (ROOT / "cloud-init.yaml").read_text()
-    for key, edit in local["user_data_edits"].items():
+    edits = {**local["image_edits"], **local["node_edits"], "bake": local["bake_edit"]}
+    for key, edit in edits.items():
         found = re.findall(hcl_string(edit["pattern"])[1:-1], cloud_init)
         assert len(found) == edit["count"], f"{key}: {found}"
 
     # With the defaults: cloud-init.yaml itself, but for the balancer's subnet and the digest of
     # the key Terraform made.
     defaults = {
-        "model": default(tf, "model"),
+        "model_source": default(tf, "model"),
+        "model_sha256_line": "#GGUF_APPLIANCE_MODEL_SHA256=",
         "appliance_version": default(tf, "appliance_version"),
         "lb_subnet_cidr": default(tf, "lb_subnet_cidr"),
         "api_key_sha256s_line": DIGEST,
@@ -291,9 +315,12 @@ def test_user_data_is_the_repository_cloud_init_with_four_lines_set(tf: dict[str
         ("      API_KEY_SHA256S=", f"      API_KEY_SHA256S={DIGEST}"),
     ]
 
-    # With other values: exactly the model, the two version lines, the subnet and the digests.
+    # With other values: exactly the model and its sha256, the two version lines, the subnet and
+    # the digests.
+    sha = hashlib.sha256(b"a model").hexdigest()
     chosen = {
-        "model": "hf://acme/smol-GGUF/smol.Q4_0.gguf@main",
+        "model_source": "hf://acme/smol-GGUF/smol.Q4_0.gguf@main",
+        "model_sha256_line": f"GGUF_APPLIANCE_MODEL_SHA256={sha}",
         "appliance_version": "0.2.1",
         "lb_subnet_cidr": "10.9.1.0/24",
         "api_key_sha256s_line": f"{DIGEST},{DIGEST[::-1]}",
@@ -308,12 +335,29 @@ def test_user_data_is_the_repository_cloud_init_with_four_lines_set(tf: dict[str
     ]
     assert changed_lines == [
         "GGUF_APPLIANCE_MODEL=hf://acme/smol-GGUF/smol.Q4_0.gguf@main",
+        f"GGUF_APPLIANCE_MODEL_SHA256={sha}",
         "GGUF_APPLIANCE_PACKAGE=gguf-appliance==0.2.1",
         "LB_SUBNET=10.9.1.0/24",
         f"API_KEY_SHA256S={DIGEST},{DIGEST[::-1]}",
         "gguf-appliance==0.2.1",
     ]
     assert len(base64.b64encode(rendered.encode())) < METADATA_LIMIT
+
+    # The builder's: the same image lines, the bake switch on, and nothing of any node's own
+    # (no key digest, no Vault secret, no metrics settings: the seal leaves none in the image).
+    built = render_user_data(tf, chosen, builder=True)
+    changed_lines = [
+        b.strip()
+        for a, b in zip(cloud_init.splitlines(), built.splitlines(), strict=True)
+        if a != b
+    ]
+    assert changed_lines == [
+        "GGUF_APPLIANCE_MODEL=hf://acme/smol-GGUF/smol.Q4_0.gguf@main",
+        f"GGUF_APPLIANCE_MODEL_SHA256={sha}",
+        "GGUF_APPLIANCE_BAKE=yes",
+        "GGUF_APPLIANCE_PACKAGE=gguf-appliance==0.2.1",
+        "gguf-appliance==0.2.1",
+    ]
 
 
 def test_rendered_user_data_passes_the_cloud_init_schema(
@@ -324,7 +368,8 @@ def test_rendered_user_data_passes_the_cloud_init_schema(
         render_user_data(
             tf,
             {
-                "model": "https://objectstorage.example.com/p/x/n/ns/b/models/o/model.gguf",
+                "model_source": "https://objectstorage.eu-frankfurt-1.oraclecloud.com/p/Tk-3_x/n/ns/b/models/o/model.gguf",
+                "model_sha256_line": f"GGUF_APPLIANCE_MODEL_SHA256={DIGEST}",
                 "appliance_version": "0.1.0",
                 "lb_subnet_cidr": "10.0.1.0/24",
                 "api_key_sha256s_line": DIGEST,
@@ -364,16 +409,18 @@ def test_nodes_need_an_api_key_and_the_user_data_holds_only_its_digest(
         "${concat(var.api_key_sha256s,[forkeyinrandom_password.api_key:sha256(key.result)])}"
     )
     assert compact(local["api_key_sha256s_line"]) == '${join(",",local.api_key_sha256s)}'
-    edit = local["user_data_edits"]["api_keys"]
+    edit = local["node_edits"]["api_keys"]
     assert hcl_string(edit["text"]) == "API_KEY_SHA256S=${local.api_key_sha256s_line}"
     assert default(tf, "api_key_sha256s") == []
     outputs = {unquote(n): body for block in tf["output"] for n, body in block.items()}
     assert outputs["api_key"]["sensitive"] is True
     assert compact(outputs["api_key"]["value"]) == "${one(random_password.api_key[*].result)}"
     # Nothing but these goes into the user data: no key, only the digests.
-    texts = " ".join(hcl_string(e["text"]) for e in local["user_data_edits"].values())
+    edits = {**local["image_edits"], **local["node_edits"], "bake": local["bake_edit"]}
+    texts = " ".join(hcl_string(e["text"]) for e in edits.values())
     assert set(re.findall(r"\$\{([^}]*)\}", texts)) == {
-        "var.model",
+        "local.model_source",
+        "local.model_sha256_line",
         "var.appliance_version",
         "var.lb_subnet_cidr",
         "local.api_key_sha256s_line",
@@ -392,6 +439,80 @@ def test_nodes_need_an_api_key_and_the_user_data_holds_only_its_digest(
     assert re.fullmatch(digest_re, DIGEST)
     for bad in (DIGEST.upper(), DIGEST[:-1], "a key, not its digest", DIGEST + "\nX=1"):
         assert not re.fullmatch(digest_re, bad), bad
+
+
+def test_a_builder_bakes_the_image_the_pool_boots_once_it_has_powered_off(
+    tf: dict[str, Any],
+) -> None:
+    (builder,) = resources(tf, "oci_core_instance").values()
+    assert compact(builder["count"]) == "${var.boot_from_baked_image?1:0}"
+    (config,) = resources(tf, "oci_core_instance_configuration").values()
+    launch = config["instance_details"][0]["launch_details"][0]
+    # The nodes' shape and size (llama.cpp is compiled for the builder's CPU), the stock image.
+    assert builder["shape"] == launch["shape"]
+    assert builder["shape_config"] == launch["shape_config"]
+    assert builder["source_details"][0]["source_id"] == "${var.image_ocid}"
+    assert builder["metadata"]["user_data"] == "${base64encode(local.builder_user_data)}"
+    # Private, out through the NAT gateway, and not one of the pool's nodes to OCI's IAM.
+    vnic = builder["create_vnic_details"][0]
+    assert vnic["subnet_id"] == "${oci_core_subnet.nodes.id}"
+    assert vnic["assign_public_ip"] is False
+    assert "defined_tags" not in builder
+    assert builder["instance_options"][0]["are_legacy_imds_endpoints_disabled"] is True
+    # A new version, model or base image replaces the builder: a new bake, a new image.
+    inputs = resources(tf, "terraform_data")["image_inputs"]["input"]
+    assert compact(inputs["user_data"]) == "${sha256(local.builder_user_data)}"
+    assert inputs["base_image"] == "${var.image_ocid}"
+    assert builder["lifecycle"][0]["replace_triggered_by"] == ["${terraform_data.image_inputs[0]}"]
+
+    # The image is taken once the bake has powered the builder off, waited for within bounds.
+    waited = resources(tf, "terraform_data")["bake_finished"]
+    assert waited["triggers_replace"] == ["${oci_core_instance.builder[0].id}"]
+    command = hcl_string(waited["provisioner"][0]['"local-exec"']["command"])
+    assert command.startswith("oci compute instance get --instance-id ${oci_core_instance")
+    assert "--wait-for-state STOPPED" in command
+    assert "--max-wait-seconds ${var.bake_timeout_minutes * 60}" in command
+    (image,) = resources(tf, "oci_core_image").values()
+    assert image["instance_id"] == "${oci_core_instance.builder[0].id}"
+    assert image["depends_on"] == ["${terraform_data.bake_finished}"]
+    assert image["lifecycle"][0]["create_before_destroy"] is True
+
+
+def test_the_model_bucket_is_private_and_read_through_a_read_only_par_with_a_pinned_sha256(
+    tf: dict[str, Any],
+) -> None:
+    (bucket,) = resources(tf, "oci_objectstorage_bucket").values()
+    assert compact(bucket["count"]) == "${var.model_file==null?0:1}"
+    assert hcl_string(bucket["access_type"]) == "NoPublicAccess"
+    (model,) = resources(tf, "oci_objectstorage_object").values()
+    assert model["source"] == "${var.model_file}"
+    (par,) = resources(tf, "oci_objectstorage_preauthrequest").values()
+    assert hcl_string(par["access_type"]) == "ObjectRead"  # one object, read only
+    assert par["object"] == "${oci_objectstorage_object.model[0].object}"
+    assert par["time_expires"] == "${var.model_par_expires}"
+    local = locals_(tf)
+    assert compact(local["model_source"]) == (
+        '${var.model_file==null?var.model:"https://objectstorage.${var.region}.oraclecloud.com'
+        '${one(oci_objectstorage_preauthrequest.model[*].access_uri)}"}'
+    )
+    assert compact(local["model_sha256_line"]) == (
+        '${var.model_sha256==null?"#GGUF_APPLIANCE_MODEL_SHA256=":'
+        '"GGUF_APPLIANCE_MODEL_SHA256=${var.model_sha256}"}'
+    )
+    # A bucket model needs its pin and its request's expiry; a pin is 64 hex digits.
+    (needs,) = variables(tf)["model_file"]["validation"]
+    assert "var.model_sha256!=null" in compact(needs["condition"])
+    assert "var.model_par_expires!=null" in compact(needs["condition"])
+    (check,) = variables(tf)["model_sha256"]["validation"]
+    pattern = re.search(r'regex\("(.*)",var\.model_sha256\)', compact(check["condition"]))
+    assert pattern
+    sha_re = json.loads(f'"{pattern[1]}"')
+    assert re.fullmatch(sha_re, DIGEST)
+    for bad in (DIGEST.upper(), DIGEST[:-1], DIGEST + "\nGGUF_APPLIANCE_OPEN_API=true"):
+        assert not re.fullmatch(sha_re, bad), bad
+    # What the node then fetches is a URL it accepts: https, naming the .gguf object.
+    url = "https://objectstorage.eu-frankfurt-1.oraclecloud.com/p/Tk-3_x/n/ns/b/m/o/model.gguf"
+    assert parse_source(url).kind == "url"
 
 
 def test_with_a_certificate_port_80_only_redirects_to_https(tf: dict[str, Any]) -> None:

@@ -24,14 +24,25 @@ locals {
   api_key_secrets_line = join(",", var.api_key_secret_ocids)
   hf_token_secret      = coalesce(var.hf_token_secret_ocid, "")
 
+  # The model the nodes and the builder fetch: the bucket's object through its read-only
+  # pre-authenticated request (bucket.tf), or else var.model; its sha256 pinned when given.
+  model_source      = var.model_file == null ? var.model : "https://objectstorage.${var.region}.oraclecloud.com${one(oci_objectstorage_preauthrequest.model[*].access_uri)}"
+  model_sha256_line = var.model_sha256 == null ? "#GGUF_APPLIANCE_MODEL_SHA256=" : "GGUF_APPLIANCE_MODEL_SHA256=${var.model_sha256}"
+
   # The user data is the repository's cloud-init.yaml, with the lines below set from the
   # variables. Each pattern is an RE2 expression (slashes make replace() read it as one) that
   # tests/test_oci_terraform.py finds in cloud-init.yaml exactly `count` times.
   cloud_init_path = "${path.module}/../../cloud-init.yaml"
-  user_data_edits = {
+  # What an image holds (the software and the model): the builder's user data and the nodes'.
+  image_edits = {
     model = {
       pattern = "/GGUF_APPLIANCE_MODEL=.*/"
-      text    = "GGUF_APPLIANCE_MODEL=${var.model}"
+      text    = "GGUF_APPLIANCE_MODEL=${local.model_source}"
+      count   = 1
+    }
+    model_sha256 = {
+      pattern = "/#GGUF_APPLIANCE_MODEL_SHA256=.*/"
+      text    = "${local.model_sha256_line}"
       count   = 1
     }
     # The package to install and its pin in the constraints list.
@@ -40,6 +51,9 @@ locals {
       text    = "gguf-appliance==${var.appliance_version}"
       count   = 2
     }
+  }
+  # What each node is on its own: set at its first boot, never baked.
+  node_edits = {
     lb_subnet = {
       pattern = "/LB_SUBNET=.*/"
       text    = "LB_SUBNET=${var.lb_subnet_cidr}"
@@ -58,22 +72,36 @@ locals {
       count   = 1
     }
   }
+  # The builder's bootstrap bakes: install, fetch, seal, power off (cloud-init.yaml).
+  bake_edit = {
+    pattern = "/GGUF_APPLIANCE_BAKE=no/"
+    text    = "GGUF_APPLIANCE_BAKE=yes"
+    count   = 1
+  }
+  image_user_data = replace(
+    replace(
+      replace(
+        file(local.cloud_init_path),
+        local.image_edits.model.pattern, local.image_edits.model.text
+      ),
+      local.image_edits.model_sha256.pattern, local.image_edits.model_sha256.text
+    ),
+    local.image_edits.version.pattern, local.image_edits.version.text
+  )
+  builder_user_data = replace(local.image_user_data, local.bake_edit.pattern, local.bake_edit.text)
   user_data = replace(
     replace(
       replace(
-        replace(
-          replace(
-            file(local.cloud_init_path),
-            local.user_data_edits.model.pattern, local.user_data_edits.model.text
-          ),
-          local.user_data_edits.version.pattern, local.user_data_edits.version.text
-        ),
-        local.user_data_edits.lb_subnet.pattern, local.user_data_edits.lb_subnet.text
+        local.image_user_data,
+        local.node_edits.lb_subnet.pattern, local.node_edits.lb_subnet.text
       ),
-      local.user_data_edits.oci.pattern, local.user_data_edits.oci.text
+      local.node_edits.oci.pattern, local.node_edits.oci.text
     ),
-    local.user_data_edits.api_keys.pattern, local.user_data_edits.api_keys.text
+    local.node_edits.api_keys.pattern, local.node_edits.api_keys.text
   )
+
+  # What the nodes boot: the baked image (image.tf), or the stock one.
+  node_image_id = var.boot_from_baked_image ? one(oci_core_image.baked[*].id) : var.image_ocid
 }
 
 resource "oci_core_instance_configuration" "node" {
@@ -91,7 +119,7 @@ resource "oci_core_instance_configuration" "node" {
       }
       source_details {
         source_type             = "image"
-        image_id                = var.image_ocid
+        image_id                = local.node_image_id
         boot_volume_size_in_gbs = var.boot_volume_gbs
       }
       create_vnic_details {
@@ -120,8 +148,9 @@ resource "oci_core_instance_configuration" "node" {
     }
   }
 
-  # A changed model or version is a new configuration; the pool moves to it before the old one
-  # goes. Nodes already running keep what they booted with (see deploy/oci/README.md).
+  # A new image, model or version is a new configuration; the pool moves to it before the old one
+  # goes. Nodes already running keep what they booted with until they are replaced (docs/pool.md:
+  # roll a new version).
   lifecycle {
     create_before_destroy = true
   }

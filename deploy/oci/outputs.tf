@@ -13,3 +13,13 @@ output "api_key" {
   value       = one(random_password.api_key[*].result)
   sensitive   = true
 }
+
+output "image_id" {
+  description = "OCID of the baked image the pool's nodes boot (null with boot_from_baked_image = false)."
+  value       = one(oci_core_image.baked[*].id)
+}
+
+output "load_balancer_id" {
+  description = "OCID of the load balancer (for `oci lb backend-set-health get --backend-set-name nodes` while rolling the pool)."
+  value       = oci_load_balancer_load_balancer.pool.id
+}

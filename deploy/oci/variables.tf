@@ -12,7 +12,7 @@ variable "compartment_ocid" {
 
 variable "image_ocid" {
   type        = string
-  description = "OCID of the nodes' boot image in this region: an Ubuntu 22.04 or 24.04 aarch64 platform image (cloud-init.yaml bootstraps either)."
+  description = "OCID of a stock Ubuntu 22.04 or 24.04 aarch64 platform image in this region (cloud-init.yaml bootstraps either): the builder bakes the pool's image from it, or, with boot_from_baked_image = false, every node boots it and installs at first boot."
 }
 
 variable "tenancy_ocid" {
@@ -34,15 +34,61 @@ variable "name" {
 
 # --- what each node runs ---
 
+variable "boot_from_baked_image" {
+  type        = bool
+  default     = true
+  description = "true: a builder instance bakes an image (install, llama.cpp compiled, the model fetched and verified) and the pool's nodes boot it, ready about a minute after launch. false: the nodes boot image_ocid and each installs, compiles and downloads at first boot (about 10 minutes). Baking runs the OCI CLI (`oci`) on the machine running Terraform, to wait for the builder to power off."
+}
+
+variable "bake_timeout_minutes" {
+  type        = number
+  default     = 60
+  description = "Minutes Terraform waits for the builder to finish the bake and power off (about 15 for TinyLlama: apt, a 7-minute compile, the model) before it fails the apply and leaves the builder running to be looked at (its serial console, /var/log/cloud-init-output.log)."
+  validation {
+    condition     = var.bake_timeout_minutes >= 15 && var.bake_timeout_minutes <= 240
+    error_message = "bake_timeout_minutes must be between 15 and 240."
+  }
+}
+
 variable "model" {
   type        = string
   default     = "hf://TheBloke/TinyLlama-1.1B-Chat-v1.0-GGUF/tinyllama-1.1b-chat-v1.0.Q4_K_M.gguf"
-  description = "Model every node serves: GGUF_APPLIANCE_MODEL in the node's /etc/gguf-appliance/appliance.env (hf://OWNER/REPO/FILE.gguf[@REV], https://..., or bundled:NAME). Changing it makes a new instance configuration: nodes launched after that serve the new model."
+  description = "Model every node serves, unless model_file puts one in the pool's bucket: GGUF_APPLIANCE_MODEL in the node's /etc/gguf-appliance/appliance.env (hf://OWNER/REPO/FILE.gguf[@REV], https://..., or bundled:NAME). Changing it bakes a new image (or, on the stock image, makes a new instance configuration): nodes launched after that serve the new model."
   validation {
     # It becomes one line of the user data: no white space, and no '$', which replace() reads
     # as a reference to a regular-expression group.
     condition     = can(regex("^(hf://|https://|bundled:)[^\\s$]+$", var.model))
     error_message = "model must be hf://OWNER/REPO/FILE.gguf[@REV], an https:// URL or bundled:NAME, with no spaces or '$'."
+  }
+}
+
+variable "model_sha256" {
+  type        = string
+  default     = null
+  description = "SHA-256 of the model file, pinned: each node (and the builder) refuses a file that differs (GGUF_APPLIANCE_MODEL_SHA256). Needed with model_file; without it an hf:// model is checked against the Hub's own sha256 of the file."
+  validation {
+    condition     = var.model_sha256 == null || can(regex("^[0-9a-f]{64}$", var.model_sha256))
+    error_message = "model_sha256 must be 64 lower-case hex digits (`sha256sum FILE`)."
+  }
+}
+
+variable "model_file" {
+  type        = string
+  default     = null
+  description = "Path on the machine running Terraform of a .gguf file to keep in an Object Storage bucket of the pool's region: Terraform uploads it, and the nodes (and the builder) fetch it through a read-only pre-authenticated request for that object, checked against model_sha256, instead of `model`. For a model that should not come from the Hub, or a pool booting the stock image that fetches faster in-region."
+  validation {
+    condition     = var.model_file == null || (endswith(coalesce(var.model_file, "-"), ".gguf") && var.model_sha256 != null && var.model_par_expires != null)
+    error_message = "model_file must name a .gguf file, and needs model_sha256 and model_par_expires."
+  }
+}
+
+variable "model_par_expires" {
+  type        = string
+  default     = null
+  description = "When the model object's pre-authenticated request stops working (RFC 3339, e.g. \"2027-06-30T00:00:00Z\"). Nodes booted from a baked image never use it (their model is in the image); nodes on the stock image fetch through it at first boot, so it must outlive the pool or be renewed (a new date makes a new request and a new instance configuration)."
+  validation {
+    condition     = var.model_par_expires == null || can(timeadd(coalesce(var.model_par_expires, "-"), "0s"))
+    error_message = "model_par_expires must be an RFC 3339 time such as 2027-06-30T00:00:00Z."
   }
 }
 
@@ -133,7 +179,7 @@ variable "metrics_namespace" {
 variable "autoscaling_cooldown_seconds" {
   type        = number
   default     = 300
-  description = "Seconds between two scaling actions (OCI's minimum is 300). A new node needs about 10 minutes to build llama.cpp and fetch the model before its health check passes."
+  description = "Seconds between two scaling actions (OCI's minimum is 300). A node booted from the baked image passes its health check about a minute after launch; one booting the stock image needs about 10 minutes to build llama.cpp and fetch the model."
   validation {
     condition     = var.autoscaling_cooldown_seconds >= 300
     error_message = "OCI's autoscaling cooldown is at least 300 seconds."
