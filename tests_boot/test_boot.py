@@ -1,23 +1,36 @@
 """Boot test: a Debian 12 container boots with cloud-init and our cloud-init.yaml as NoCloud
 user data, and with no hand step ends serving a streamed answer through NGINX on port 80; after
-`kill -9` of the server, systemd brings it back and readiness returns.
+`kill -9` of the server, systemd brings it back and readiness returns. Then the bootstrapped root
+is baked as deploy/oci's builder bakes one (the bootstrap again with GGUF_APPLIANCE_BAKE=yes: the
+model verified, cloud-init's instance state and the machine-id cleaned, powered off), copied, and
+booted with a new instance id: it must serve with no apt, no compiler, no pip and no download.
 
 Run by `make boot-test` (root, systemd-nspawn, debootstrap). What it stands in for: an OCI VM
-booting Ubuntu with this user data. What only a real node shows: OCI's image and its iptables
-rules, Arm's build of llama.cpp, the Hugging Face download of the default model (here the model
-is a local file and pip's cache is shared so llama-cpp-python is not rebuilt from nothing).
+booting Ubuntu with this user data, and the pool's nodes booting the image deploy/oci captures.
+What only a real node shows: OCI's image and its iptables rules, Arm's build of llama.cpp, the
+Hugging Face download of the default model (here the model comes from an HTTP server on this
+host with its sha256 pinned, as from the bucket's pre-authenticated request, and pip's cache is
+shared so llama-cpp-python is not rebuilt from nothing).
+
+The containers share the host's network: ports 80 and 8000 must be free on the host, or the test
+would talk to whatever holds them.
 """
 
 from __future__ import annotations
 
+import hashlib
+import http.server
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -37,10 +50,43 @@ PACKAGES = (
     "systemd,systemd-sysv,dbus,iproute2,procps,ca-certificates,cloud-init,python3-venv,"
     "python3-dev,python3-pip,build-essential,cmake,git,nginx,python3-cffi-backend"
 )
+# NGINX's port and the node's: the test reaches the container's node on them.
+HOST_PORTS = (80, 8000)
+READY_URL = "http://127.0.0.1:80/health/ready"
+# The baked boot's target (issue #17): ready this many seconds after the container starts.
+BAKED_BOOT_TARGET = 60.0
+# What a baked boot must never run; each is replaced in the baked copy by a script that notes
+# its call in TRIPWIRE_LOG and fails.
+TRIPWIRES = (
+    "opt/gguf-appliance/bin/pip",
+    "opt/gguf-appliance/bin/pip3",
+    "usr/bin/apt-get",
+    "usr/bin/apt",
+    "usr/bin/cmake",
+    "usr/bin/cc",
+    "usr/bin/c++",
+    "usr/bin/gcc",
+    "usr/bin/g++",
+)
+TRIPWIRE_LOG = "var/log/boot-test-tripwire.log"
 
 
 def run(*command: str, **kwargs: object) -> subprocess.CompletedProcess[str]:
     return subprocess.run(command, check=True, text=True, capture_output=True, **kwargs)  # type: ignore[call-overload]
+
+
+def check_host_ports_free() -> None:
+    """Fail, naming the port and its process, if anything on the host listens on HOST_PORTS."""
+    for port in HOST_PORTS:
+        found = run("ss", "-Hltnp", f"sport = :{port}").stdout.strip()
+        if found:
+            processes = sorted(set(re.findall(r'\("([^"]+)",pid=(\d+)', found)))
+            who = ", ".join(f"{name} (pid {pid})" for name, pid in processes) or found
+            pytest.fail(
+                f"port {port} on this host is taken by {who}: the boot test's containers share "
+                f"the host's network, so it would test that process instead of the container's "
+                f"node. Stop it and run the test again."
+            )
 
 
 def base_rootfs() -> Path:
@@ -58,15 +104,58 @@ def base_rootfs() -> Path:
     return BASE
 
 
-def user_data(model_path: Path, wheel: Path) -> str:
-    """Our cloud-init.yaml with the model and the package pointed at files in the container."""
+class ModelServer:
+    """The model over HTTP on this host, as the bucket's pre-authenticated request serves it;
+    every request is noted."""
+
+    def __init__(self, model: Path) -> None:
+        self.model = model
+        self.sha256 = hashlib.sha256(model.read_bytes()).hexdigest()
+        self.requests: list[str] = []
+        served = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                served.requests.append(self.path)
+                if self.path != f"/{model.name}":
+                    self.send_error(404)
+                    return
+                self.send_response(200)
+                self.send_header("Content-Length", str(model.stat().st_size))
+                self.end_headers()
+                with model.open("rb") as file:
+                    shutil.copyfileobj(file, self.wfile)
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/{model.name}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def user_data(model: ModelServer, wheel: Path) -> str:
+    """Our cloud-init.yaml with the model and the package pointed at this host's files."""
     config = yaml.safe_load((ROOT / "cloud-init.yaml").read_text())
     for entry in config["write_files"]:
         if entry["path"] == "/etc/gguf-appliance/appliance.env":
-            entry["content"] = entry["content"].replace(
-                entry["content"].split("GGUF_APPLIANCE_MODEL=")[1].split("\n")[0],
-                f"/srv/model/{model_path.name}",
+            content = re.sub(
+                r"(?m)^GGUF_APPLIANCE_MODEL=.*$",
+                f"GGUF_APPLIANCE_MODEL={model.url}",
+                entry["content"],
             )
+            content = re.sub(
+                r"(?m)^#GGUF_APPLIANCE_MODEL_SHA256=$",
+                f"GGUF_APPLIANCE_MODEL_SHA256={model.sha256}",
+                content,
+            )
+            assert model.sha256 in content
+            entry["content"] = content
         if entry["path"] == "/etc/gguf-appliance/bootstrap.env":
             entry["content"] = (
                 entry["content"]
@@ -91,95 +180,156 @@ def in_container(init_pid: int, *command: str) -> subprocess.CompletedProcess[st
     )
 
 
-def wait_for(check: object, timeout: float, what: str) -> None:
+def wait_for(check: Callable[[], object], timeout: float, what: str, every: float = 2) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            if check():  # type: ignore[operator]
+            if check():
                 return
         except httpx.TransportError:
             pass
-        time.sleep(2)
+        time.sleep(every)
     raise TimeoutError(what)
 
 
-@pytest.fixture(scope="module")
-def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
-    dist = tmp_path_factory.mktemp("dist")
-    run(sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "-w", str(dist), str(ROOT))
-    wheel = next(dist.glob("gguf_appliance-*.whl"))
-    model = resolve_source(DEFAULT_MODEL)
-    machine = WORK / "node"
-    shutil.rmtree(machine, ignore_errors=True)
-    run("cp", "-a", "--reflink=auto", str(base_rootfs()), str(machine))
-    seed = machine / "var/lib/cloud/seed/nocloud"
-    seed.mkdir(parents=True)
-    (seed / "user-data").write_text(user_data(model, wheel))
-    (seed / "meta-data").write_text("instance-id: gguf-boot-test\nlocal-hostname: node1\n")
-    (machine / "etc/cloud/cloud.cfg.d/99-datasource.cfg").write_text(
-        "datasource_list: [NoCloud, None]\n"
-    )
-    PIP_CACHE.mkdir(parents=True, exist_ok=True)
-    log = (WORK / "boot.log").open("w")
+@dataclass
+class Machine:
+    root: Path
+    nspawn: subprocess.Popen[bytes]
+    init_pid: int
+    # time.monotonic() when systemd-nspawn was started, and seconds from then to ready.
+    started: float
+    ready_after: float | None = field(default=None)
+
+    def wait_ready(self, timeout: float) -> float:
+        """Seconds from the container's start to /health/ready answering 200 through NGINX."""
+        try:
+            wait_for(
+                lambda: httpx.get(READY_URL, timeout=5).status_code == 200,
+                timeout,
+                "the node never became ready",
+                every=0.25,
+            )
+        except TimeoutError:
+            print(in_container(self.init_pid, "cloud-init", "status", "--long").stdout)
+            print(in_container(self.init_pid, "journalctl", "-b", "--no-pager", "-n", "200").stdout)
+            raise
+        if self.ready_after is None:
+            self.ready_after = time.monotonic() - self.started
+        return self.ready_after
+
+    def power_off(self) -> None:
+        self.nspawn.send_signal(signal.SIGTERM)  # a clean poweroff of the container
+        try:
+            self.nspawn.wait(60)
+        except subprocess.TimeoutExpired:
+            self.nspawn.kill()
+            self.nspawn.wait(10)
+
+
+def boot(root: Path, log_name: str, binds: list[str]) -> Machine:
+    log = (WORK / log_name).open("w")
+    started = time.monotonic()
     nspawn = subprocess.Popen(
-        [
-            "systemd-nspawn",
-            "-D",
-            str(machine),
-            "--boot",
-            "--register=no",
-            "--keep-unit",
-            f"--bind-ro={dist}:/srv/dist",
-            f"--bind-ro={model.parent}:/srv/model",
-            f"--bind={PIP_CACHE}:/var/cache/gguf-appliance/pip",
-            f"--bind-ro={HOST_CA}:/srv/host-ca.crt",
-        ],
+        ["systemd-nspawn", "-D", str(root), "--boot", "--register=no", "--keep-unit", *binds],
         stdout=log,
         stderr=subprocess.STDOUT,
         stdin=subprocess.DEVNULL,
     )
+    log.close()  # the child holds its own copy
+
+    def container_init() -> str:
+        found = subprocess.run(["pgrep", "-P", str(nspawn.pid)], text=True, capture_output=True)
+        return found.stdout.strip()
+
     try:
-
-        def container_init() -> str:
-            found = subprocess.run(["pgrep", "-P", str(nspawn.pid)], text=True, capture_output=True)
-            return found.stdout.strip()
-
-        wait_for(container_init, 30, "container init")
-        init_pid = int(container_init().split()[0])
-        yield init_pid
-    finally:
-        nspawn.send_signal(signal.SIGTERM)  # a clean poweroff of the container
-        try:
-            nspawn.wait(60)
-        except subprocess.TimeoutExpired:
-            nspawn.kill()
-        log.close()
-
-
-def test_fresh_node_serves_through_nginx_then_survives_kill_9(node: int) -> None:
-    ready_url = "http://127.0.0.1:80/health/ready"
-    try:
-        wait_for(
-            lambda: httpx.get(ready_url, timeout=5).status_code == 200,
-            900,
-            "the node never became ready",
-        )
+        wait_for(container_init, 30, "container init", every=0.1)
     except TimeoutError:
-        print(in_container(node, "cloud-init", "status", "--long").stdout)
-        print(in_container(node, "journalctl", "-b", "--no-pager", "-n", "200").stdout)
+        nspawn.kill()
+        nspawn.wait(10)
         raise
+    return Machine(root, nspawn, int(container_init().split()[0]), started)
+
+
+def seed(root: Path, user_data_text: str, instance_id: str, hostname: str) -> None:
+    nocloud = root / "var/lib/cloud/seed/nocloud"
+    nocloud.mkdir(parents=True, exist_ok=True)
+    (nocloud / "user-data").write_text(user_data_text)
+    (nocloud / "meta-data").write_text(f"instance-id: {instance_id}\nlocal-hostname: {hostname}\n")
+
+
+def api_key(machine: Machine) -> str:
+    key_file = in_container(machine.init_pid, "cat", "/etc/gguf-appliance/api-keys").stdout
+    (key,) = [line for line in key_file.splitlines() if line and not line.startswith("#")]
+    return key
+
+
+def streamed_events(key: str) -> list[str]:
+    body = {"messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 24}
+    headers = {"Authorization": f"Bearer {key}"}
+    generate = "http://127.0.0.1:80/generate"
+    with httpx.stream("POST", generate, json=body, headers=headers, timeout=60) as response:
+        assert response.status_code == 200, response.read()
+        return [line for line in response.iter_lines() if line.startswith("event:")]
+
+
+@pytest.fixture(scope="module")
+def dist(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("dist")
+    run(sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "-w", str(out), str(ROOT))
+    return out
+
+
+@pytest.fixture(scope="module")
+def model_server() -> Iterator[ModelServer]:
+    server = ModelServer(resolve_source(DEFAULT_MODEL))
+    yield server
+    server.close()
+
+
+@pytest.fixture(scope="module")
+def node(dist: Path, model_server: ModelServer) -> Iterator[Machine]:
+    check_host_ports_free()
+    wheel = next(dist.glob("gguf_appliance-*.whl"))
+    root = WORK / "node"
+    shutil.rmtree(root, ignore_errors=True)
+    run("cp", "-a", "--reflink=auto", str(base_rootfs()), str(root))
+    seed(root, user_data(model_server, wheel), "gguf-boot-test", "node1")
+    (root / "etc/cloud/cloud.cfg.d/99-datasource.cfg").write_text(
+        "datasource_list: [NoCloud, None]\n"
+    )
+    PIP_CACHE.mkdir(parents=True, exist_ok=True)
+    machine = boot(
+        root,
+        "boot.log",
+        [
+            f"--bind-ro={dist}:/srv/dist",
+            f"--bind={PIP_CACHE}:/var/cache/gguf-appliance/pip",
+            f"--bind-ro={HOST_CA}:/srv/host-ca.crt",
+        ],
+    )
+    try:
+        yield machine
+    finally:
+        machine.power_off()
+
+
+def test_fresh_node_serves_through_nginx_then_survives_kill_9(
+    node: Machine, model_server: ModelServer
+) -> None:
+    ready_after = node.wait_ready(900)
+    print(f"\nfirst boot: ready through NGINX {ready_after:.1f} s after the container started")
+    # The fetch unit downloaded the model from the host, checked against the pinned sha256.
+    assert model_server.requests.count(f"/{model_server.model.name}") == 1
     assert "<html" in httpx.get("http://127.0.0.1:80/").text.lower()
     body = {"messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 24}
     # The first boot made the node's API key, for root only: no key, no answer.
-    generate = "http://127.0.0.1:80/generate"
-    assert httpx.post(generate, json=body, timeout=60).status_code == 401
-    key_file = in_container(node, "cat", "/etc/gguf-appliance/api-keys").stdout
-    (key,) = [line for line in key_file.splitlines() if line and not line.startswith("#")]
-    mode = in_container(node, "stat", "-c", "%a %U", "/etc/gguf-appliance/api-keys").stdout
-    assert mode.split() == ["600", "root"]
+    assert httpx.post("http://127.0.0.1:80/generate", json=body, timeout=60).status_code == 401
+    key = api_key(node)
+    mode = in_container(node.init_pid, "stat", "-c", "%a %U", "/etc/gguf-appliance/api-keys")
+    assert mode.stdout.split() == ["600", "root"]
     headers = {"Authorization": f"Bearer {key}"}
-    with httpx.stream("POST", generate, json=body, headers=headers, timeout=60) as response:
-        events = [line for line in response.iter_lines() if line.startswith("event:")]
+    events = streamed_events(key)
     assert events.count("event: token") > 1 and events[-1] == "event: done"
     # A grammar runs in a worker process the node starts: it must start under the unit's
     # sandbox (system-call filter, address-space limit) and answer within the grammar.
@@ -205,21 +355,23 @@ def test_fresh_node_serves_through_nginx_then_survives_kill_9(node: int) -> None
     content = answer.json()["choices"][0]["message"]["content"]
     assert isinstance(json.loads(content)["wet"], bool)
 
-    killed = in_container(node, "systemctl", "kill", "--signal=KILL", "gguf-appliance.service")
+    killed = in_container(
+        node.init_pid, "systemctl", "kill", "--signal=KILL", "gguf-appliance.service"
+    )
     assert killed.returncode == 0, killed.stderr
-    wait_for(lambda: httpx.get(ready_url, timeout=5).status_code != 200, 30, "kill had no effect")
+    wait_for(lambda: httpx.get(READY_URL, timeout=5).status_code != 200, 30, "kill had no effect")
     wait_for(
-        lambda: httpx.get(ready_url, timeout=5).status_code == 200,
+        lambda: httpx.get(READY_URL, timeout=5).status_code == 200,
         120,
         "systemd did not bring the node back",
     )
     restarts = in_container(
-        node, "systemctl", "show", "-p", "NRestarts", "--value", "gguf-appliance.service"
+        node.init_pid, "systemctl", "show", "-p", "NRestarts", "--value", "gguf-appliance.service"
     ).stdout.strip()
     assert int(restarts) >= 1
 
 
-def test_keys_reload_under_systemd_and_never_open_the_api(node: int) -> None:
+def test_keys_reload_under_systemd_and_never_open_the_api(node: Machine) -> None:
     models = "http://127.0.0.1:80/v1/models"
 
     def status(key: str) -> int:
@@ -227,11 +379,15 @@ def test_keys_reload_under_systemd_and_never_open_the_api(node: int) -> None:
         return httpx.get(models, headers=headers, timeout=10).status_code
 
     def write_keys(text: str) -> None:
-        written = in_container(node, "sh", "-c", f"printf '{text}' > /etc/gguf-appliance/api-keys")
+        written = in_container(
+            node.init_pid, "sh", "-c", f"printf '{text}' > /etc/gguf-appliance/api-keys"
+        )
         assert written.returncode == 0, written.stderr
 
     def reload() -> int:
-        return in_container(node, "systemctl", "reload", "gguf-appliance.service").returncode
+        return in_container(
+            node.init_pid, "systemctl", "reload", "gguf-appliance.service"
+        ).returncode
 
     wait_for(lambda: httpx.get(models, timeout=5).status_code == 401, 120, "the node is not back")
     new = "n" * 32
@@ -244,10 +400,12 @@ def test_keys_reload_under_systemd_and_never_open_the_api(node: int) -> None:
     assert reload() == 0
     time.sleep(2)
     assert status(new) == 200 and httpx.get(models, timeout=5).status_code == 401
-    journal = in_container(node, "journalctl", "-u", "gguf-appliance", "--no-pager", "-n", "50")
+    journal = in_container(
+        node.init_pid, "journalctl", "-u", "gguf-appliance", "--no-pager", "-n", "50"
+    )
     assert "holds no key" in journal.stdout
     # No file: the reload fails, the key stays.
-    assert in_container(node, "rm", "/etc/gguf-appliance/api-keys").returncode == 0
+    assert in_container(node.init_pid, "rm", "/etc/gguf-appliance/api-keys").returncode == 0
     assert reload() != 0
     assert status(new) == 200
 
@@ -256,22 +414,134 @@ def test_keys_reload_under_systemd_and_never_open_the_api(node: int) -> None:
     for name in ("api-keys", "api-keys.new"):
         link = f"/run/gguf-appliance/{name}"
         assert (
-            in_container(node, "ln", "-sf", "/etc/gguf-appliance/appliance.env", link).returncode
+            in_container(
+                node.init_pid, "ln", "-sf", "/etc/gguf-appliance/appliance.env", link
+            ).returncode
             == 0
         )
     before = in_container(
-        node, "stat", "-c", "%s %U %a", "/etc/gguf-appliance/appliance.env"
+        node.init_pid, "stat", "-c", "%s %U %a", "/etc/gguf-appliance/appliance.env"
     ).stdout
     assert reload() == 0
-    after = in_container(node, "stat", "-c", "%s %U %a", "/etc/gguf-appliance/appliance.env").stdout
+    after = in_container(
+        node.init_pid, "stat", "-c", "%s %U %a", "/etc/gguf-appliance/appliance.env"
+    ).stdout
     assert after == before
     assert status(new) == 200
 
     # The node reads its model but cannot write where it lives.
     pid = in_container(
-        node, "systemctl", "show", "-p", "MainPID", "--value", "gguf-appliance.service"
+        node.init_pid, "systemctl", "show", "-p", "MainPID", "--value", "gguf-appliance.service"
     ).stdout.strip()
     probe = in_container(
-        node, "nsenter", "-t", pid, "-m", "--", "touch", "/var/lib/gguf-appliance/probe"
+        node.init_pid, "nsenter", "-t", pid, "-m", "--", "touch", "/var/lib/gguf-appliance/probe"
     )
     assert probe.returncode != 0 and "Read-only file system" in probe.stderr, probe.stderr
+
+
+def model_files(root: Path) -> dict[str, tuple[int, int, int]]:
+    """The fetched model and its verification record: path -> (inode, size, mtime_ns)."""
+    models = root / "var/lib/private/gguf-appliance/models"
+    found = {}
+    for path in models.rglob("*"):
+        if path.is_file() and path.name.endswith((".gguf", ".verified")):
+            stat = path.stat()
+            found[str(path.relative_to(models))] = (stat.st_ino, stat.st_size, stat.st_mtime_ns)
+    return found
+
+
+def set_tripwires(root: Path) -> None:
+    for relative in TRIPWIRES:
+        path = root / relative
+        assert path.exists() or path.is_symlink(), f"no {relative} to guard"
+        path.unlink()
+        path.write_text(f'#!/bin/sh\necho "$0 $*" >> /{TRIPWIRE_LOG}\nexit 1\n')
+        path.chmod(0o755)
+
+
+@dataclass
+class BakedBoot:
+    machine: Machine
+    # The model files in the copy before it booted, and the model server's requests until then.
+    model_files: dict[str, tuple[int, int, int]]
+    requests_before: int
+
+
+@pytest.fixture(scope="module")
+def baked_node(node: Machine, dist: Path, model_server: ModelServer) -> Iterator[BakedBoot]:
+    """The first node's root, baked as the builder bakes (the bootstrap with
+    GGUF_APPLIANCE_BAKE=yes, which seals and powers off), copied, and booted as a new instance."""
+    assert node.nspawn.poll() is None, "the first node is not running"
+    baking = in_container(
+        node.init_pid,
+        "sed",
+        "-i",
+        "s/^GGUF_APPLIANCE_BAKE=no$/GGUF_APPLIANCE_BAKE=yes/",
+        "/etc/gguf-appliance/bootstrap.env",
+    )
+    assert baking.returncode == 0, baking.stderr
+    # As cloud-init runs it: a clean environment (not this host's pip settings).
+    baked = in_container(
+        node.init_pid,
+        *("env", "-i", "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"),
+        "/usr/local/sbin/gguf-appliance-bootstrap",
+    )
+    assert baked.returncode == 0, baked.stdout + baked.stderr
+    # The seal runs after the bootstrap and powers the machine off: a clean shutdown.
+    assert node.nspawn.wait(180) == 0
+    sealed = node.root
+    record = (sealed / "etc/gguf-appliance/baked").read_text()
+    assert record.startswith("PACKAGE=/srv/dist/gguf_appliance-"), record
+    assert not (sealed / "etc/gguf-appliance/api-keys").exists()
+    assert not (sealed / "var/lib/cloud/instance").exists()
+    assert not list((sealed / "var/lib/cloud").glob("instances/*"))
+    assert not (sealed / "var/log/cloud-init.log").exists()
+    assert (sealed / "etc/machine-id").read_text() == ""
+    wants = sealed / "etc/systemd/system/multi-user.target.wants"
+    # (Links to absolute paths: is_symlink, as the host may not have what they name.)
+    assert not (wants / "gguf-appliance.service").is_symlink()
+    assert (wants / "nginx.service").is_symlink()
+
+    root = WORK / "baked-node"
+    shutil.rmtree(root, ignore_errors=True)
+    run("cp", "-a", "--reflink=auto", str(sealed), str(root))
+    # The same user data (the image's nodes share one instance configuration), a new instance.
+    wheel = next(dist.glob("gguf_appliance-*.whl"))
+    seed(root, user_data(model_server, wheel), "gguf-boot-test-baked", "node2")
+    set_tripwires(root)
+    before = model_files(root)
+    assert len(before) == 2, before
+    requests_before = len(model_server.requests)
+    check_host_ports_free()
+    machine = boot(root, "boot-baked.log", [f"--bind-ro={HOST_CA}:/srv/host-ca.crt"])
+    try:
+        yield BakedBoot(machine, before, requests_before)
+    finally:
+        machine.power_off()
+
+
+def test_baked_root_with_a_new_instance_id_serves_without_install_or_download(
+    node: Machine, baked_node: BakedBoot, model_server: ModelServer
+) -> None:
+    baked = baked_node.machine
+    ready_after = baked.wait_ready(300)
+    print(
+        f"\nboot to ready through NGINX: first boot {node.ready_after or float('nan'):.1f} s, "
+        f"baked boot {ready_after:.1f} s"
+    )
+    # A new instance: cloud-init ran this user data's write_files and runcmd again.
+    instance = (baked.root / "var/lib/cloud/data/instance-id").read_text().strip()
+    assert instance == "gguf-boot-test-baked"
+    events = streamed_events(api_key(baked))
+    assert events.count("event: token") > 1 and events[-1] == "event: done"
+
+    # No apt, no compiler, no pip: none of them ran (each would have noted its call).
+    tripwire = baked.root / TRIPWIRE_LOG
+    assert not tripwire.exists(), tripwire.read_text()
+    output = (baked.root / "var/log/cloud-init-output.log").read_text()
+    assert "gguf-appliance-bootstrap: a baked image: no apt, no pip, no compiler" in output
+    assert "gguf-appliance-bootstrap: installing" not in output
+    # No download: the model's server was not asked, the baked file was not rewritten.
+    assert model_server.requests[baked_node.requests_before :] == []
+    assert model_files(baked.root) == baked_node.model_files
+    assert ready_after < BAKED_BOOT_TARGET
