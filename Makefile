@@ -129,6 +129,21 @@ arm64-run: install
 		  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq debootstrap qemu-user-static; }
 	$(SUDO) $(BIN)/python deploy/arm64_emulated.py
 
+# The boot test for arm64 (docs/arm.md): a Debian 12 arm64 root (cached in build/arm64-boot)
+# booted with systemd-nspawn under qemu-user emulation with cloud-init.yaml, installing the wheel
+# above instead of compiling, must serve through NGINX on port 80. Root only; about 9 minutes
+# with the root cached (8 more to build it once): not part of `make test` or `make boot-test`.
+# Correctness only: no speed figure from emulation.
+.PHONY: arm64-boot
+arm64-boot: install
+	@test -f $(ARM64_WHEELS)/llama_cpp_python-0.3.36-py3-none-linux_aarch64.whl || $(MAKE) arm64-wheel
+	@command -v debootstrap >/dev/null 2>&1 && command -v systemd-nspawn >/dev/null 2>&1 && \
+		test -x /usr/bin/qemu-aarch64-static || \
+		{ $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+		  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq debootstrap \
+		  systemd-container qemu-user-static; }
+	$(SUDO) $(BIN)/python deploy/arm64_boot.py
+
 # Benchmarks (not part of the tests): gguf-appliance next to llama-cpp-python's own server,
 # which runs from a venv of its own so its pins cannot move ours.
 BASELINE ?= .venv-baseline
