@@ -82,19 +82,24 @@ function askForKey() {
 
 // --- the node's state ---
 
+// The status line is a live region: it is written only when it changes (the same words written
+// again every 10 s would be read out again every 10 s).
+function setStatus(text, bad) {
+  if (statusLine.textContent !== text) statusLine.textContent = text;
+  statusLine.classList.toggle("bad", bad);
+}
+
 async function refreshStatus() {
   try {
     const response = await fetch("health/ready", { cache: "no-store", headers: authHeaders() });
     const body = await response.json();
     if (keyProblem || response.status === 401) {
-      statusLine.textContent = keyProblem ?? describeKeyProblem();
+      setStatus(keyProblem ?? describeKeyProblem(), true);
     } else {
-      statusLine.textContent = response.ok ? `Ready · ${body.model}` : `Not ready: ${body.reason}`;
+      setStatus(response.ok ? `Ready · ${body.model}` : `Not ready: ${body.reason}`, !response.ok);
     }
-    statusLine.classList.toggle("bad", Boolean(keyProblem) || !response.ok);
   } catch {
-    statusLine.textContent = "The node cannot be reached.";
-    statusLine.classList.add("bad");
+    setStatus("The node cannot be reached.", true);
   }
 }
 
@@ -134,14 +139,19 @@ function button(label, className, onClick, ariaLabel) {
   return b;
 }
 
+// An entry of the log: who speaks (as text for screen readers, which read it out with the entry
+// when the live region announces it), then the content.
+const SPEAKERS = { user: "You:", assistant: "Model:", notice: "Note:" };
+
 function entry(role) {
   const item = document.createElement("li");
   item.className = role;
-  const names = { user: "You", assistant: "Model", notice: "Note" };
-  item.setAttribute("aria-label", names[role] ?? role);
+  const speaker = document.createElement("span");
+  speaker.className = "speaker visually-hidden";
+  speaker.textContent = SPEAKERS[role] ?? `${role}:`;
   const content = document.createElement("div");
   content.className = "content";
-  item.append(content);
+  item.append(speaker, content);
   return item;
 }
 
@@ -155,7 +165,7 @@ function addStats(item, text) {
 function messageEntry(message, index) {
   const item = entry(message.role);
   item.dataset.index = index;
-  const content = item.firstChild;
+  const content = item.querySelector(".content");
   if (message.role === "assistant") content.append(renderMarkdown(message.content));
   else content.textContent = message.content;
   if (message.stats) addStats(item, message.stats);
@@ -168,6 +178,8 @@ function messageEntry(message, index) {
   if (actions.childElementCount) item.append(actions);
   return item;
 }
+
+const atBottom = () => window.innerHeight + window.scrollY >= document.documentElement.scrollHeight - 48;
 
 const lastAnswerIndex = () => chat.messages.findLastIndex((m) => m.role === "assistant");
 
@@ -210,7 +222,11 @@ function startEdit(index) {
   const save = document.createElement("button");
   save.type = "submit";
   save.textContent = "Send";
-  editor.append(area, save, button("Cancel", "cancel", renderLog));
+  const cancel = () => {
+    renderLog();
+    log.querySelector(`li[data-index="${index}"] .edit`)?.focus();
+  };
+  editor.append(area, save, button("Cancel", "cancel", cancel));
   editor.addEventListener("submit", (event) => {
     event.preventDefault();
     const text = area.value.trim();
@@ -222,7 +238,7 @@ function startEdit(index) {
     ask();
   });
   area.addEventListener("keydown", (event) => {
-    if (event.key === "Escape") renderLog();
+    if (event.key === "Escape") cancel();
     else if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
       event.preventDefault();
       editor.requestSubmit();
@@ -293,12 +309,15 @@ async function ask() {
   answer.setAttribute("aria-busy", "true");
   log.append(answer);
   answer.scrollIntoView({ block: "end" });
-  const content = answer.firstChild;
+  const content = answer.querySelector(".content");
   let text = "";
   let painted = true;
   const paint = () => {
     painted = true;
+    // The view follows the answer as it grows, unless the reader has scrolled up.
+    const following = atBottom();
     content.replaceChildren(renderMarkdown(text));
+    if (following) window.scrollTo({ top: document.documentElement.scrollHeight });
   };
   controller = new AbortController();
   setBusy(true);
@@ -378,9 +397,14 @@ async function ask() {
       setBusy(false);
       await saveChat(thread);
     }
-    (keyRefused ? fields.apiKey : prompt).focus();
+    // Focus goes to the message box only if it was lost (on Stop, now disabled, or in the
+    // replaced entry): someone reading an earlier answer or the chat list is left there.
+    if (keyRefused) fields.apiKey.focus();
+    else if (focusLost()) prompt.focus();
   }
 }
+
+const focusLost = () => [null, document.body, stopButton].includes(document.activeElement);
 
 const asSent = (message) => ({ role: message.role, content: message.content });
 
@@ -415,10 +439,13 @@ function chatListItem(saved) {
       announce(`Press again to delete “${saved.title}”.`);
       return;
     }
+    const next = item.nextElementSibling?.dataset.id ?? item.previousElementSibling?.dataset.id;
     await store.deleteChat(saved.id);
     announce(`Deleted “${saved.title}”.`);
     if (saved.id === chat.id) newChat();
     await refreshChatList();
+    const neighbour = next && chatList.querySelector(`li[data-id="${CSS.escape(next)}"] .open-chat`);
+    (neighbour ?? chatSearch).focus();
   }, `Delete “${saved.title}”`);
   item.append(open, rename, remove);
   return item;
@@ -535,6 +562,11 @@ $("import-file").addEventListener("change", (event) => {
   if (file) importChats(file);
   event.target.value = "";
 });
+// The message box stays on the bottom edge of the screen: an entry scrolled into view stops
+// above it (style.css: scroll-margin-bottom), however tall the box is.
+new ResizeObserver(() => {
+  document.documentElement.style.setProperty("--ask-height", `${form.offsetHeight}px`);
+}).observe(form);
 settingsForm.addEventListener("input", saveSettings);
 settingsForm.addEventListener("submit", (event) => event.preventDefault());
 fields.apiKey.addEventListener("change", () => checkKey());

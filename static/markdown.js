@@ -84,9 +84,11 @@ export async function copyText(text) {
   scratch.value = text;
   scratch.setAttribute("readonly", "");
   scratch.className = "clipboard-scratch";
+  const focused = document.activeElement; // selecting the text moves focus: it comes back
   document.body.append(scratch);
   scratch.select();
   const done = document.execCommand("copy");
   scratch.remove();
+  focused?.focus();
   if (!done) throw new Error("copy refused");
 }

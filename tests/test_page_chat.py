@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -17,10 +18,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from playwright.sync_api import Browser, BrowserContext, Page, Request, expect
+from playwright.sync_api import (
+    Browser,
+    BrowserContext,
+    Page,
+    Request,
+    Route,
+    expect,
+)
 
 from .conftest import RunningServer
-from .test_page import ARTIFACTS, browser, send
+from .test_page import ARTIFACTS, CHROMIUM_ARGS, browser, send
 
 __all__ = ["browser"]  # the module-scoped Chromium fixture, shared with test_page
 
@@ -156,6 +164,48 @@ def test_copy_puts_the_code_on_the_clipboard(
     expect(copy).to_have_text("Copied")
     expect(page.locator("#announce")).to_have_text("Code copied to the clipboard.")
     assert page.evaluate("navigator.clipboard.readText()") == "echo 'hello <world>' && ls -la"
+
+
+def test_copy_works_on_a_plain_http_origin_without_the_clipboard_api(
+    browser: Browser, start_server: Any
+) -> None:
+    # A node reached over plain http by a name (http://IP or http://node.lan): not a secure
+    # context, so navigator.clipboard does not exist and the page falls back to the copy command.
+    # (127.0.0.1 and localhost count as secure: a name mapped to 127.0.0.1 does not.)
+    node = start_server(allowed_hosts="plain.test")
+    # A browser of its own: the name's mapping is a launch option.
+    chromium = browser.browser_type.launch(
+        executable_path="/usr/bin/chromium",
+        args=[*CHROMIUM_ARGS, "--host-resolver-rules=MAP plain.test 127.0.0.1"],
+    )
+    try:
+        context = chromium.new_context(viewport={"width": 1100, "height": 800})
+        page = context.new_page()
+        page.goto(f"http://plain.test:{node.port}/")
+        expect(page.locator("body")).to_have_attribute("data-ready", "yes")
+        expect(page.locator("#status")).to_contain_text("Ready")
+        assert page.evaluate("[window.isSecureContext, 'clipboard' in navigator]") == [
+            False,
+            False,
+        ]
+        reply_with(page, "Run:\n\n```sh\nprintf '%s\\n' \"a <b> & c\"\n```\n")
+        send(page, "a command please")
+        answered(page, 1)
+        copy = page.locator("#log li.assistant .copy-code")
+        copy.focus()
+        page.keyboard.press("Enter")  # by keyboard: focus must come back to the button
+        expect(copy).to_have_text("Copied")
+        expect(copy).to_be_focused()
+        expect(page.locator(".clipboard-scratch")).to_have_count(0)
+        assert len(stored_chats(page)) == 1  # IndexedDB works there too
+
+        # Read the clipboard back from a secure origin of the same browser.
+        context.grant_permissions(["clipboard-read"], origin=node.base_url)
+        reader = context.new_page()
+        reader.goto(node.base_url + "/")
+        assert reader.evaluate("navigator.clipboard.readText()") == "printf '%s\\n' \"a <b> & c\""
+    finally:
+        chromium.close()
 
 
 def test_a_conversation_survives_a_reload_and_is_listed(page: Page, server: RunningServer) -> None:
@@ -338,15 +388,30 @@ def test_the_window_of_a_long_chat_moves_seldom_and_by_whole_turns(
 
 
 # Markup meant to attack the page, as an answer's Markdown might carry it. Each would call
-# alert() or load a URL if it ran or rendered.
+# alert(), load a URL, navigate, take focus or restyle the page if it ran or rendered.
 XSS_CORPUS = [
+    # script tags
     "<script>alert('script')</script>",
+    "<template><script>alert('template')</script></template>",
+    "<noscript><p title=\"</noscript><img src=x onerror=alert('mxss')>\">",  # mutation XSS
+    # event handlers
+    "<body onload=alert('body')>",
+    "<input autofocus onfocus=alert('focus')>",
+    "<video><source onerror=alert('video')></video>",
+    '<a href="https://example.invalid/" onclick="alert(\'click\')">looks fine</a>',
+    # SVG
+    "<svg><a xlink:href=\"javascript:alert('svg-a')\"><text y=20>svg link</text></a></svg>",
+    "<svg><animate onbegin=alert('animate') attributeName=x dur=1s></svg>",
+    "<svg><use href=\"data:image/svg+xml,<svg id='x' xmlns='http://www.w3.org/2000/svg'>"
+    "<image href='1' onerror='alert(1)'/></svg>#x\"/></svg>",
     "<img src=x onerror=\"alert('img')\">",
     "<svg onload=alert('svg')><circle r=5 /></svg>",
     "<svg><script>alert('svg-script')</script></svg>",
     "<math><mi xlink:href=\"javascript:alert('math')\">x</mi></math>",
     "<iframe srcdoc=\"<script>parent.alert('srcdoc')</script>\"></iframe>",
     "<iframe src=\"javascript:alert('iframe')\"></iframe>",
+    "<iframe src=\"data:text/html,<script>alert('iframe-data')</script>\"></iframe>",
+    "<embed src=\"javascript:alert('embed')\">",
     "<object data=\"javascript:alert('object')\"></object>",
     "<details open ontoggle=alert('details')>x</details>",
     "<a href=\"javascript:alert('a')\">a link</a>",
@@ -355,6 +420,15 @@ XSS_CORPUS = [
     "[entity](jav&#x61;script:alert('entity'))",
     "[data](data:text/html;base64,PHNjcmlwdD5hbGVydCgnZGF0YScpPC9zY3JpcHQ+)",
     "[vb](vbscript:msgbox('vb'))",
+    "[angle](<javascript:alert('angle')>)",
+    "[case](JaVaScRiPt:alert('case'))",
+    "[tab](java\tscript:alert('tab'))",
+    "[colon](javascript&colon;alert('colon'))",
+    "[![nested](https://example.invalid/i.png)](javascript:alert('nested'))",
+    "[svg data](data:image/svg+xml;base64,PHN2ZyBvbmxvYWQ9YWxlcnQoMSk+)",
+    "![data image](data:image/svg+xml,%3Csvg%20onload=alert('data-img')%3E)",
+    "[ref data][d]\n\n[d]: data:text/html,%3Cscript%3Ealert('refdata')%3C/script%3E",
+    "<https://example.invalid/\"onmouseover=\"alert('autolink-attr')>",
     "<javascript:alert('autolink')>",
     "![img](javascript:alert('image'))",
     "![tracker](http://127.0.0.1:9/pixel.png)",
@@ -364,6 +438,9 @@ XSS_CORPUS = [
     "<style>body{background:url(http://127.0.0.1:9/css)}</style>",
     '<div style="background:url(http://127.0.0.1:9/inline)">styled</div>',
     "<link rel=stylesheet href=http://127.0.0.1:9/link.css>",
+    "<style>@import 'http://127.0.0.1:9/import.css';</style>",
+    '<div style="position:fixed;inset:0;background:red;z-index:9">an overlay</div>',
+    '<p class="skip-link error visually-hidden">borrowed classes</p>',
     "<form action=javascript:alert('form')><button>go</button></form>",
     "<meta http-equiv=refresh content=\"0;url=javascript:alert('meta')\">",
     "<base href=\"javascript:alert('base')//\">",
@@ -374,10 +451,23 @@ XSS_CORPUS = [
 ]
 
 
+# Runs in the page before its own script: notes every CSP or Trusted Types refusal, and every
+# navigation the page starts (the Navigation API sees a navigation before it happens).
+RECORD_REFUSALS = """
+    window.__refused = [];
+    document.addEventListener('securitypolicyviolation',
+        (e) => window.__refused.push(`${e.violatedDirective} ${e.blockedURI} ${e.sample}`));
+    navigation.addEventListener('navigate',
+        (e) => window.__refused.push(`navigate ${e.destination.url}`));
+"""
+
+
 def watch_for_attacks(page: Page, origin: str) -> list[str]:
-    """Record what an attack would cause: a dialog, a popup, a navigation, a request anywhere
-    but the node's own page files and API, a CSP violation."""
+    """Record what an attack would cause: a dialog (the corpus calls alert()), a popup, a
+    navigation, a request anywhere but the node's own page files and API, a CSP or Trusted Types
+    violation. Read the page's own record with `refusals(page)`."""
     seen: list[str] = []
+    page.add_init_script(RECORD_REFUSALS)
     allowed = {
         "/", "/app.js", "/sse.js", "/markdown.js", "/store.js", "/context.js", "/style.css",
         "/health/ready", "/v1/models", "/generate", "/favicon.ico",
@@ -410,6 +500,11 @@ def watch_for_attacks(page: Page, origin: str) -> list[str]:
     return seen
 
 
+def refusals(page: Page) -> list[str]:
+    refused: list[str] = page.evaluate("window.__refused")
+    return refused
+
+
 def settle(page: Page) -> None:
     """Any image the markup made would have failed to load by the time one of ours has (its
     onerror then run): wait for a control image with the same kind of src (see test_page)."""
@@ -437,6 +532,15 @@ def assert_nothing_dangerous_in_the_log(page: Page) -> None:
             const href = el.getAttribute('href');
             if (href !== null && !/^(https?:|mailto:)/i.test(href)) bad.push(`${tag} href=${href}`);
         }
+        // In an answer: classes only of the page's code blocks and the highlighter (none of the
+        // page's own to borrow), nothing that covers the page.
+        for (const el of document.querySelectorAll('#log .content *')) {
+            for (const name of el.classList) {
+                if (!/^(hljs|code-block$|code-bar$|copy-code$)/.test(name)) bad.push(`.${name}`);
+            }
+            if (getComputedStyle(el).position === 'fixed') bad.push(`fixed ${el.tagName}`);
+        }
+        if (document.activeElement.closest('#log .content')) bad.push('focus taken');
         return bad;
     }""")
     assert found == []
@@ -464,7 +568,8 @@ def test_an_xss_corpus_in_answers_and_imported_chats_runs_nothing(
             for text in XSS_CORPUS
             for item in (
                 {"role": "user", "content": text},
-                {"role": "assistant", "content": text},
+                {"role": "assistant", "content": text, "stats": text},
+                {"role": "notice", "content": text},
             )
         ],
     }
@@ -475,15 +580,292 @@ def test_an_xss_corpus_in_answers_and_imported_chats_runs_nothing(
     page.locator("#chat-list .open-chat", has_text="<img").click()
     expect(page.locator("#log li.assistant")).to_have_count(len(XSS_CORPUS))
     settle(page)
+    assert refusals(page) == []
+    assert_nothing_dangerous_in_the_log(page)
     page.reload()  # rendered again from storage
     expect(page.locator("#log li.assistant")).to_have_count(len(XSS_CORPUS))
     settle(page)
 
     assert seen == []
+    assert refusals(page) == []
     assert_nothing_dangerous_in_the_log(page)
     assert page.locator("#announce").count() == 1  # nothing clobbered the page's own ids
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "xss-corpus.png"), full_page=True)
+
+
+def test_html_reaches_the_page_only_through_dompurify_under_trusted_types(
+    page: Page, server: RunningServer
+) -> None:
+    page.add_init_script(RECORD_REFUSALS)
+    response = page.goto(server.base_url + "/")
+    assert response is not None
+    policy = dict(
+        directive.strip().split(" ", 1)
+        for directive in response.headers["content-security-policy"].split(";")
+    )
+    assert policy["require-trusted-types-for"] == "'script'"
+    assert policy["trusted-types"] == "dompurify"
+    expect(page.locator("body")).to_have_attribute("data-ready", "yes")
+    reply_with(page, *[MARKDOWN[i : i + 7] for i in range(0, len(MARKDOWN), 7)])
+    send(page, "show me markdown")
+    answered(page, 1)
+    expect(page.locator("#log .code-block .hljs-keyword").first).to_have_text("def")
+    assert refusals(page) == []  # Markdown, highlighting and sanitizing all went through
+    outcome = page.evaluate("""() => {
+        const tried = {};
+        try {
+            document.getElementById('log').insertAdjacentHTML('beforeend', '<b>raw</b>');
+            tried.html = 'accepted';
+        } catch (error) { tried.html = error.name; }
+        // DOMPurify holds the one policy name allowed; no other may be made.
+        for (const name of ['dompurify', 'another']) {
+            try { trustedTypes.createPolicy(name, {createHTML: (s) => s}); tried[name] = 'made'; }
+            catch (error) { tried[name] = error.name; }
+        }
+        return tried;
+    }""")
+    assert outcome == {"html": "TypeError", "dompurify": "TypeError", "another": "TypeError"}
+    # The recorder sees them: a refusal would not go unnoticed in the XSS test.
+    page.wait_for_function("window.__refused.length >= 3")
+    assert any(r.startswith("require-trusted-types-for") for r in refusals(page)), refusals(page)
+
+
+def focused(page: Page) -> str:
+    descriptor: str = page.evaluate("""() => {
+        const el = document.activeElement;
+        return el === document.body ? 'body' : el.id || el.classList[0] || el.tagName.toLowerCase();
+    }""")
+    return descriptor
+
+
+def test_the_keyboard_alone_reaches_and_works_every_control(
+    context: BrowserContext, page: Page, server: RunningServer
+) -> None:
+    context.grant_permissions(["clipboard-read", "clipboard-write"], origin=server.base_url)
+    open_page(page, server)
+    reply_with(page, SHOWCASE)
+    page.keyboard.press("Tab")
+    expect(page.locator(".skip-link")).to_be_focused()
+    expect(page.locator(".skip-link")).to_be_in_viewport()
+    page.keyboard.press("Enter")
+    expect(page.locator("#prompt")).to_be_focused()
+    page.keyboard.type("Write a Python function that adds two numbers.")
+    page.keyboard.press("Enter")
+    answered(page, 1)
+    expect(page.locator("#prompt")).to_be_focused()
+
+    # From the top: every stop in reading order, each named and with a visible focus ring.
+    page.reload()
+    expect(page.locator("body")).to_have_attribute("data-ready", "yes")
+    stops: list[str] = []
+    for _ in range(40):
+        page.keyboard.press("Tab")
+        stop = focused(page)
+        if stop in stops:
+            break
+        if stop == "body":
+            continue
+        stops.append(stop)
+        expect(page.locator(":focus")).to_have_accessible_name(re.compile(r"\S"))
+        ring = page.evaluate("getComputedStyle(document.activeElement).outlineStyle")
+        assert ring != "none", stop
+    assert stops == [
+        "skip-link", "new-chat", "settings-toggle",
+        "chat-search", "open-chat", "rename-chat", "delete-chat", "export-chats", "import-chats",
+        "edit", "copy-code", "regenerate", "prompt", "send",
+    ]  # fmt: skip
+
+    # Each control works from the keyboard, and focus lands where the next step is.
+    page.locator("#log .copy-code").focus()
+    page.keyboard.press("Enter")
+    expect(page.locator("#log .copy-code")).to_have_text("Copied")
+    expect(page.locator("#log .copy-code")).to_be_focused()
+    page.locator("#log .edit").focus()
+    page.keyboard.press("Enter")
+    expect(page.locator("#log .editor textarea")).to_be_focused()
+    page.keyboard.press("Escape")
+    expect(page.locator("#log .edit")).to_be_focused()  # back where the edit began
+    page.locator("#log .regenerate").focus()
+    page.keyboard.press("Enter")
+    answered(page, 1)
+    expect(page.locator("#prompt")).to_be_focused()  # the pressed button went with the answer
+    page.locator("#settings-toggle").focus()
+    page.keyboard.press("Enter")
+    expect(page.locator("#settings-toggle")).to_have_attribute("aria-expanded", "true")
+    page.keyboard.press("Tab")
+    expect(page.locator("#chat-search")).to_be_focused()  # the settings come after the list
+    page.keyboard.press("Tab")
+    page.keyboard.press("Enter")  # open the chat: focus goes to its message box
+    expect(page.locator("#prompt")).to_be_focused()
+    page.locator("#chat-list .rename-chat").focus()
+    page.keyboard.press("Enter")
+    expect(page.locator("#chat-list .rename-input")).to_be_focused()
+    page.keyboard.press("Control+A")
+    page.keyboard.type("Sums")
+    page.keyboard.press("Enter")
+    expect(page.locator("#chat-list .open-chat")).to_have_text("Sums")
+    expect(page.locator("#chat-list .open-chat")).to_be_focused()
+    page.keyboard.press("Tab")
+    page.keyboard.press("Tab")
+    expect(page.locator("#chat-list .delete-chat")).to_be_focused()
+    page.keyboard.press("Enter")
+    expect(page.locator("#chat-list .delete-chat")).to_have_text("Delete?")
+    page.keyboard.press("Enter")
+    expect(page.locator("#chat-list li")).to_have_count(0)
+    expect(page.locator("#chat-search")).to_be_focused()  # not lost with the deleted chat
+
+    # A real answer ending does not pull focus from where the reader went meanwhile.
+    page.unroute("**/generate")
+    page.fill("#max-tokens", "48")  # the settings are still open
+    send(page, "Tell me about the sea.")
+    page.locator("#chat-search").focus()
+    answered(page, 1)
+    expect(page.locator("#chat-search")).to_be_focused()
+
+
+def test_screen_readers_get_named_regions_controls_and_a_live_conversation(
+    page: Page, server: RunningServer
+) -> None:
+    open_page(page, server)
+    expect(page.get_by_role("navigation", name="Conversations")).to_be_visible()
+    expect(page.get_by_role("main")).to_be_visible()
+    conversation = page.get_by_role("list", name="Conversation", exact=True)
+    expect(conversation).to_have_attribute("aria-live", "polite")
+    expect(page.locator("#status")).to_have_attribute("role", "status")
+    for role, name in [
+        ("textbox", "Message"),
+        ("button", "Send"),
+        ("button", "Stop"),
+        ("searchbox", "Search chats"),
+        ("button", "New chat"),
+        ("button", "Export"),
+        ("button", "Import"),
+    ]:
+        expect(page.get_by_role(role, name=name, exact=True)).to_have_count(1)  # type: ignore[arg-type]
+    settings_button = page.get_by_role("button", name="Settings", exact=True)
+    expect(settings_button).to_have_attribute("aria-expanded", "false")
+    settings_button.click()
+    expect(settings_button).to_have_attribute("aria-expanded", "true")
+    expect(page.get_by_role("form", name="Settings")).to_be_visible()
+    expect(page.get_by_role("textbox", name="System prompt")).to_be_visible()
+    expect(page.get_by_role("slider", name=re.compile("^Temperature"))).to_be_visible()
+    expect(page.get_by_role("spinbutton", name="Max tokens")).to_be_visible()
+    expect(page.get_by_label("API key")).to_be_visible()
+    page.fill("#max-tokens", "48")
+    settings_button.click()
+
+    # While a real answer streams its entry says it is busy (a screen reader waits for the
+    # whole of it); each entry says who speaks, also when the live region reads it out.
+    page.evaluate("""() => {
+        new MutationObserver(() => {
+            const busy = document.querySelector('#log li.assistant[aria-busy="true"]');
+            if (busy && busy.querySelector('.content').textContent) {
+                document.documentElement.dataset.busySpeaker = busy.textContent.split(':')[0];
+            }
+        }).observe(document.getElementById('log'), {subtree: true, childList: true});
+    }""")
+    send(page, "Tell me about the sea.")
+    answered(page, 1)
+    expect(page.locator("html")).to_have_attribute("data-busy-speaker", "Model")
+    expect(page.locator("#log [aria-busy]")).to_have_count(0)
+    entries = conversation.get_by_role("listitem")
+    expect(entries).to_have_text([re.compile("^You: ?Tell me"), re.compile("^Model: ?\\S")])
+
+    reply_with(page, SHOWCASE)
+    send(page, "And a function?")
+    answered(page, 2)
+    expect(page.get_by_role("button", name="Copy Python")).to_have_count(1)
+    expect(page.get_by_role("button", name="Regenerate this answer")).to_have_count(1)
+    expect(page.get_by_role("button", name="Edit this message")).to_have_count(2)
+    expect(conversation.get_by_role("table")).to_have_count(1)
+    title = page.locator("#chat-list .open-chat").inner_text()
+    expect(page.get_by_role("button", name=f"Rename “{title}”")).to_have_count(1)
+    expect(page.get_by_role("button", name=f"Delete “{title}”")).to_have_count(1)
+
+
+def test_the_status_line_is_read_out_only_when_it_changes(
+    page: Page, server: RunningServer
+) -> None:
+    page.clock.install()  # the page checks the node every 10 s: the test moves the clock
+    page.goto(server.base_url + "/")
+    expect(page.locator("#status")).to_contain_text("Ready")
+    page.evaluate("""() => {
+        window.__statusChanges = 0;
+        new MutationObserver(() => window.__statusChanges++).observe(
+            document.getElementById('status'),
+            {subtree: true, childList: true, characterData: true});
+    }""")
+    for _ in range(2):
+        with page.expect_response("**/health/ready"):
+            page.clock.run_for(10_000)
+    page.evaluate("() => new Promise((resolve) => setTimeout(resolve, 0))")
+    assert page.evaluate("window.__statusChanges") == 0
+    page.route(
+        "**/health/ready",
+        lambda route: route.fulfill(status=503, json={"status": "not ready", "reason": "loading"}),
+    )
+    page.clock.run_for(10_000)
+    expect(page.locator("#status")).to_have_text("Not ready: loading")
+    assert page.evaluate("window.__statusChanges") == 1
+
+
+def test_on_a_phone_a_long_answer_ends_above_the_message_box(
+    browser: Browser, server: RunningServer
+) -> None:
+    context = browser.new_context(
+        viewport={"width": 375, "height": 667}, is_mobile=True, has_touch=True
+    )
+    try:
+        page = context.new_page()
+        open_page(page, server)
+        long = "".join(f"{i}. line {i} of a long answer\n" for i in range(1, 61))
+        reply_with(page, *[long[i : i + 50] for i in range(0, len(long), 50)])
+        send(page, "Count to sixty.")
+        answered(page, 1)
+        # The end of the answer, its numbers and buttons, is on the screen, not under the box.
+        answer = page.locator("#log li.assistant").bounding_box()
+        box = page.locator("#ask").bounding_box()
+        assert answer is not None and box is not None
+        assert box["y"] + box["height"] <= 667
+        assert answer["y"] + answer["height"] <= box["y"] + 1
+        expect(page.locator("#log li.assistant .regenerate")).to_be_in_viewport()
+        assert page.evaluate("document.documentElement.scrollWidth") <= 375
+        # The chat list opens from its button; a chat picked there closes it.
+        page.click("#chats-toggle")
+        expect(page.locator("#chat-search")).to_be_focused()
+        expect(page.locator("#chats-toggle")).to_have_attribute("aria-expanded", "true")
+        page.locator("#chat-list .open-chat").click()
+        expect(page.locator("#chats")).to_be_hidden()
+        expect(page.locator("#chats-toggle")).to_have_attribute("aria-expanded", "false")
+    finally:
+        context.close()
+
+
+def test_the_page_works_under_a_path_prefix_with_relative_urls(
+    page: Page, server: RunningServer
+) -> None:
+    # As a proxy might publish it at /llm/: every request the page makes must stay under it.
+    prefix = server.base_url + "/llm/"
+    outside: list[str] = []
+
+    def proxy(route: Route) -> None:
+        url = route.request.url
+        if not url.startswith(prefix):
+            outside.append(url)
+            route.abort()
+            return
+        route.fulfill(response=route.fetch(url=server.base_url + "/" + url.removeprefix(prefix)))
+
+    page.route("**/*", proxy)
+    page.goto(prefix)
+    expect(page.locator("body")).to_have_attribute("data-ready", "yes")
+    expect(page.locator("#status")).to_contain_text("Ready")
+    set_options(page, max_tokens="16")
+    send(page, "Say hello.")
+    answered(page, 1)
+    expect(page.locator("#log li.assistant .content")).not_to_be_empty()
+    assert outside == []
 
 
 def test_vendored_libraries_match_their_recorded_checksums() -> None:
@@ -526,6 +908,15 @@ def test_screenshots_in_light_and_dark_on_a_desktop_and_a_phone(
             answered(page, 1)
             page.locator("#prompt").blur()
             assert page.evaluate("document.documentElement.scrollWidth") <= viewport["width"]
+            # The page's text and its code blocks follow the system's scheme.
+            text, code = (
+                sum(int(v) for v in re.findall(r"\d+", colour)[:3]) / 3
+                for colour in page.evaluate("""() => [
+                    getComputedStyle(document.body).color,
+                    getComputedStyle(document.querySelector('#log code.hljs')).backgroundColor,
+                ]""")
+            )
+            assert (text < 60 and code > 200) if scheme == "light" else (text > 200 and code < 60)
             ARTIFACTS.mkdir(exist_ok=True)
             page.screenshot(path=str(ARTIFACTS / f"chat-{name}-{scheme}.png"))
             if phone:
