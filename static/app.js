@@ -397,14 +397,14 @@ async function ask() {
       setBusy(false);
       await saveChat(thread);
     }
-    // Focus goes to the message box only if it was lost (on Stop, now disabled, or in the
-    // replaced entry): someone reading an earlier answer or the chat list is left there.
+    // Focus goes to the message box only if it was lost (in the replaced entry) or left on Send
+    // or Stop: someone reading an earlier answer or the chat list is left there.
     if (keyRefused) fields.apiKey.focus();
     else if (focusLost()) prompt.focus();
   }
 }
 
-const focusLost = () => [null, document.body, stopButton].includes(document.activeElement);
+const focusLost = () => [null, document.body, sendButton, stopButton].includes(document.activeElement);
 
 const asSent = (message) => ({ role: message.role, content: message.content });
 

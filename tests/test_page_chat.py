@@ -722,6 +722,11 @@ def test_the_keyboard_alone_reaches_and_works_every_control(
     page.locator("#chat-search").focus()
     answered(page, 1)
     expect(page.locator("#chat-search")).to_be_focused()
+    # Send pressed with the mouse hands over to the message box for the next question.
+    page.fill("#prompt", "And the sky?")
+    page.click("#send")
+    answered(page, 2)
+    expect(page.locator("#prompt")).to_be_focused()
 
 
 def test_screen_readers_get_named_regions_controls_and_a_live_conversation(
