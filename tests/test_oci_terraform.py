@@ -463,17 +463,19 @@ def test_a_builder_bakes_the_image_the_pool_boots_once_it_has_powered_off(
     inputs = resources(tf, "terraform_data")["image_inputs"]["input"]
     assert compact(inputs["user_data"]) == "${sha256(local.builder_user_data)}"
     assert inputs["base_image"] == "${var.image_ocid}"
-    assert builder["lifecycle"][0]["replace_triggered_by"] == ["${terraform_data.image_inputs[0]}"]
+    assert builder["lifecycle"][0]["replace_triggered_by"] == [
+        "${terraform_data.image_inputs[count.index]}"
+    ]
 
     # The image is taken once the bake has powered the builder off, waited for within bounds.
     waited = resources(tf, "terraform_data")["bake_finished"]
-    assert waited["triggers_replace"] == ["${oci_core_instance.builder[0].id}"]
+    assert waited["triggers_replace"] == ["${oci_core_instance.builder[count.index].id}"]
     command = hcl_string(waited["provisioner"][0]['"local-exec"']["command"])
     assert command.startswith("oci compute instance get --instance-id ${oci_core_instance")
     assert "--wait-for-state STOPPED" in command
     assert "--max-wait-seconds ${var.bake_timeout_minutes * 60}" in command
     (image,) = resources(tf, "oci_core_image").values()
-    assert image["instance_id"] == "${oci_core_instance.builder[0].id}"
+    assert image["instance_id"] == "${oci_core_instance.builder[count.index].id}"
     assert image["depends_on"] == ["${terraform_data.bake_finished}"]
     assert image["lifecycle"][0]["create_before_destroy"] is True
 

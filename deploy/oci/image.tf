@@ -56,7 +56,7 @@ resource "oci_core_instance" "builder" {
   }
 
   lifecycle {
-    replace_triggered_by = [terraform_data.image_inputs[0]]
+    replace_triggered_by = [terraform_data.image_inputs[count.index]]
   }
 }
 
@@ -65,10 +65,10 @@ resource "oci_core_instance" "builder" {
 # builder running, and the apply fails here.
 resource "terraform_data" "bake_finished" {
   count            = var.boot_from_baked_image ? 1 : 0
-  triggers_replace = [oci_core_instance.builder[0].id]
+  triggers_replace = [oci_core_instance.builder[count.index].id]
 
   provisioner "local-exec" {
-    command = "oci compute instance get --instance-id ${oci_core_instance.builder[0].id} --wait-for-state STOPPED --wait-interval-seconds 30 --max-wait-seconds ${var.bake_timeout_minutes * 60} --query 'data.\"lifecycle-state\"' --raw-output"
+    command = "oci compute instance get --instance-id ${oci_core_instance.builder[count.index].id} --wait-for-state STOPPED --wait-interval-seconds 30 --max-wait-seconds ${var.bake_timeout_minutes * 60} --query 'data.\"lifecycle-state\"' --raw-output"
     environment = {
       OCI_CLI_PROFILE = var.oci_config_profile
     }
@@ -78,7 +78,7 @@ resource "terraform_data" "bake_finished" {
 resource "oci_core_image" "baked" {
   count          = var.boot_from_baked_image ? 1 : 0
   compartment_id = var.compartment_ocid
-  instance_id    = oci_core_instance.builder[0].id
+  instance_id    = oci_core_instance.builder[count.index].id
   display_name   = "${var.name}-${var.appliance_version}-${substr(sha256(local.builder_user_data), 0, 8)}"
 
   timeouts {
