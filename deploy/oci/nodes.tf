@@ -22,7 +22,7 @@ locals {
   api_key_sha256s      = concat(var.api_key_sha256s, [for key in random_password.api_key : sha256(key.result)])
   api_key_sha256s_line = join(",", local.api_key_sha256s)
   api_key_secrets_line = join(",", var.api_key_secret_ocids)
-  hf_token_secret      = coalesce(var.hf_token_secret_ocid, "")
+  hf_token_secret      = var.hf_token_secret_ocid == null ? "" : var.hf_token_secret_ocid
 
   # The model the nodes and the builder fetch: the bucket's object through its read-only
   # pre-authenticated request (bucket.tf), or else var.model; its sha256 pinned when given.
