@@ -370,7 +370,7 @@ def check_node(init_pid: int, booted_at: float) -> None:
                 events.append(event)
             elif line.startswith("data:") and event == "token":
                 text.append(json.loads(line.split(":", 1)[1])["text"])
-    timed("streamed /generate through NGINX, 16 tokens", started)
+    timed("streamed /generate through NGINX (max_tokens 16)", started)
     assert events.count("token") > 1 and events[-1] == "done", events
     say(f"/generate streamed {events.count('token')} tokens: {''.join(text)!r}")
 
