@@ -259,7 +259,12 @@ def new_machine(model: Path, package: Path) -> None:
     (MACHINE / "etc/cloud/cloud.cfg.d/99-datasource.cfg").write_text(
         "datasource_list: [NoCloud, None]\n"
     )
-    for unit in ("gguf-appliance.service", "gguf-appliance-fetch.service"):
+    for unit in (
+        "gguf-appliance.service",
+        "gguf-appliance-fetch.service",
+        "gguf-appliance-secrets.service",
+        "gguf-appliance-oci-metrics.service",
+    ):
         drop_in = MACHINE / "etc/systemd/system" / f"{unit}.d"
         drop_in.mkdir(parents=True)
         (drop_in / "qemu-user.conf").write_text(QEMU_DROP_IN)

@@ -236,8 +236,11 @@ def test_the_unit_stages_the_key_file_for_the_service_at_start_and_reload(tmp_pa
     unit = rendered_units(tmp_path)["gguf-appliance.service"].read_text()
     stage = unit_command(unit, "ExecStartPre")
     assert unit_command(unit, "ExecReload") == stage
+    # First the key file from the Vault, by the unit that may reach it (this one may not).
+    secrets = "+/bin/systemctl start gguf-appliance-secrets.service"
+    assert re.findall(r"^ExecStartPre=(.*)$", unit, re.M)[0] == secrets
     reloads = re.findall(r"^ExecReload=(.*)$", unit, re.M)
-    assert reloads[0].endswith("/gguf-appliance vault-secrets")  # the key file from the Vault
+    assert reloads[0] == secrets
     assert reloads[2:] == ["/bin/kill -HUP $MAINPID"]
     assert "Environment=GGUF_APPLIANCE_API_KEY_FILE=/run/gguf-appliance-keys/api-keys" in unit
     assert "RuntimeDirectory=gguf-appliance" in unit
@@ -312,12 +315,19 @@ print(fetch_model(sys.argv[1], Path(sys.argv[2]), sha256=sys.argv[3]).path)
 
 def test_only_the_fetch_unit_may_write_the_models(tmp_path: Path) -> None:
     units = {name: path.read_text() for name, path in rendered_units(tmp_path).items()}
-    for unit in units.values():
+    node, fetch = units.pop("gguf-appliance.service"), units.pop("gguf-appliance-fetch.service")
+    for unit in (node, fetch):
         assert "StateDirectory=gguf-appliance\n" in unit  # the same user and directory
     read_only = "ReadOnlyPaths=/var/lib/gguf-appliance /var/lib/private/gguf-appliance\n"
-    assert read_only in units["gguf-appliance.service"]
-    assert "ReadOnlyPaths" not in units["gguf-appliance-fetch.service"]
-    assert "ReadWritePaths" not in "".join(units.values())
+    assert read_only in node
+    assert "ReadOnlyPaths" not in fetch
+    assert "ReadWritePaths" not in node + fetch
+    # The OCI helpers: a read-only system; the Vault's writes the key and token files only.
+    assert set(units) == {"gguf-appliance-secrets.service", "gguf-appliance-oci-metrics.service"}
+    for name, unit in units.items():
+        assert "StateDirectory" not in unit and "ProtectSystem=strict\n" in unit
+        writable = re.findall(r"^ReadWritePaths=(.*)$", unit, re.M)
+        assert writable == (["/etc/gguf-appliance"] if "secrets" in name else [])
 
 
 def test_a_fetched_model_loads_from_a_read_only_models_dir(tmp_path: Path) -> None:

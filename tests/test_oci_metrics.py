@@ -1,14 +1,20 @@
 """The node's load, posted to OCI Monitoring by the real `oci` SDK.
 
-The Monitoring endpoint is a stand-in: a local HTTP server on 127.0.0.1 (tests/oci_stand_in.py)
-that records what it is sent. The node signs with a throwaway API key from a config file
-(oci_auth=config_file) instead of instance principals, whose metadata service and certificates
-are not stood in here.
+`gguf-appliance oci-metrics` runs as a process of its own beside the node, as its unit does
+(systemd/gguf-appliance-oci-metrics.service: the node's unit may reach loopback only), and reads
+the node's /metrics. The Monitoring endpoint is a stand-in: a local HTTP server on 127.0.0.1
+(tests/oci_stand_in.py) that records what it is sent. The publisher signs with a throwaway API
+key from a config file (oci_auth=config_file) instead of instance principals, whose metadata
+service and certificates are not stood in here.
 """
 
 from __future__ import annotations
 
 import itertools
+import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -26,7 +32,7 @@ COMPARTMENT = "ocid1.compartment.oc1..aaaaaaaastandin"
 ACCEPTED = (200, {"failedMetricsCount": 0, "failedMetrics": []})
 
 
-def node_settings(config: Path, url: str, **extra: object) -> dict[str, object]:
+def publisher_settings(config: Path, url: str, **extra: object) -> dict[str, object]:
     return {
         "oci_auth": "config_file",
         "oci_config_file": config,
@@ -42,17 +48,74 @@ def by_name(request: Received) -> dict[str, dict[str, Any]]:
     return {m["name"]: m for m in request.body["metricData"]}
 
 
+class RunningPublisher:
+    """`gguf-appliance oci-metrics` in a child process, reading `node`'s /metrics."""
+
+    def __init__(self, node: RunningServer, log_path: Path, settings: dict[str, object]) -> None:
+        self.log_path = log_path
+        env = {
+            **os.environ,
+            "GGUF_APPLIANCE_ENV_FILE": "",
+            "GGUF_APPLIANCE_HOST": "127.0.0.1",
+            "GGUF_APPLIANCE_PORT": str(node.port),
+            **{f"GGUF_APPLIANCE_{k.upper()}": str(v) for k, v in settings.items()},
+        }
+        self._log = log_path.open("wb")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "gguf_appliance.cli", "oci-metrics"],
+            env=env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+
+    def log(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._log.close()
+        return self.process.returncode
+
+
+@pytest.fixture
+def start_publisher(tmp_path: Path) -> Iterator[Callable[..., RunningPublisher]]:
+    publishers: list[RunningPublisher] = []
+
+    def start(node: RunningServer, **settings: object) -> RunningPublisher:
+        log_path = tmp_path / f"publisher-{len(publishers)}.log"
+        publisher = RunningPublisher(node, log_path, settings)
+        publishers.append(publisher)
+        return publisher
+
+    yield start
+    for publisher in publishers:
+        publisher.stop()
+
+
 @pytest.fixture
 def monitoring() -> Iterator[StandIn]:
     with oci_stand_in.running(lambda request: ACCEPTED) as stand_in:
         yield stand_in
 
 
-def test_node_posts_its_load_signed_every_interval(
-    tmp_path: Path, monitoring: StandIn, start_server: Callable[..., RunningServer]
+def test_the_publisher_posts_the_nodes_load_signed_every_interval(
+    tmp_path: Path,
+    monitoring: StandIn,
+    start_server: Callable[..., RunningServer],
+    start_publisher: Callable[..., RunningPublisher],
 ) -> None:
     config, key_id = oci_stand_in.throwaway_oci_config(tmp_path)
-    node = start_server(**node_settings(config, monitoring.url, oci_metrics_interval=0.5))
+    node = start_server()
+    publisher = start_publisher(
+        node, **publisher_settings(config, monitoring.url, oci_metrics_interval=0.5)
+    )
 
     with slot_held(node):
         wait_until(
@@ -107,11 +170,63 @@ def test_node_posts_its_load_signed_every_interval(
     gaps = [b.at - a.at for a, b in itertools.pairwise(posts)]
     assert min(gaps) > 0.3, gaps
     assert monitoring.most_in_flight == 1
+    # SIGTERM (systemctl stop) ends it at once, and cleanly.
+    started = time.monotonic()
+    assert publisher.stop() == 0
+    assert time.monotonic() - started < 5
+
+
+def test_the_node_itself_posts_nothing_even_with_the_oci_settings(
+    tmp_path: Path, monitoring: StandIn, start_server: Callable[..., RunningServer]
+) -> None:
+    # Its unit may reach loopback only: posting is the publisher's, in a unit of its own.
+    config, _ = oci_stand_in.throwaway_oci_config(tmp_path)
+    node = start_server(**publisher_settings(config, monitoring.url, oci_metrics_interval=0.1))
+    body = {"messages": [{"role": "user", "content": "Say hi."}], "max_tokens": 4}
+    assert httpx.post(node.url("/generate"), json=body, timeout=30).status_code == 200
+    time.sleep(1)
+    assert monitoring.requests() == []
+
+
+def test_without_a_compartment_the_publisher_exits_at_once_and_posts_nothing(
+    monitoring: StandIn,
+    start_server: Callable[..., RunningServer],
+    start_publisher: Callable[..., RunningPublisher],
+) -> None:
+    node = start_server()
+    publisher = start_publisher(node, oci_monitoring_endpoint=monitoring.url)
+    assert publisher.process.wait(timeout=30) == 0  # the unit's Restart=on-failure: stays off
+    assert "the load is not posted" in publisher.log()
+    assert monitoring.requests() == []
+
+
+def test_a_node_not_up_yet_or_gone_gives_no_datapoint_and_no_crash(
+    tmp_path: Path,
+    monitoring: StandIn,
+    start_server: Callable[..., RunningServer],
+    start_publisher: Callable[..., RunningPublisher],
+) -> None:
+    config, _ = oci_stand_in.throwaway_oci_config(tmp_path)
+    node = start_server()
+    publisher = start_publisher(
+        node, **publisher_settings(config, monitoring.url, oci_metrics_interval=0.2)
+    )
+    wait_until(lambda: len(monitoring.requests()) >= 2, 30, "two posts")
+    node.stop()  # a restart of the node: its port answers nothing for a while
+    time.sleep(0.5)
+    count = len(monitoring.requests())
+    time.sleep(1.5)
+    assert len(monitoring.requests()) == count  # no made-up zero load while the node is away
+    assert publisher.process.poll() is None
+    assert "cannot read the node's load" in publisher.log()
 
 
 @pytest.mark.parametrize("endpoint", ["hanging", "failing"])
 def test_a_hanging_or_failing_monitoring_endpoint_never_affects_serving(
-    endpoint: str, tmp_path: Path, start_server: Callable[..., RunningServer]
+    endpoint: str,
+    tmp_path: Path,
+    start_server: Callable[..., RunningServer],
+    start_publisher: Callable[..., RunningPublisher],
 ) -> None:
     release = threading.Event()
 
@@ -124,10 +239,12 @@ def test_a_hanging_or_failing_monitoring_endpoint_never_affects_serving(
     with oci_stand_in.running(answer) as monitoring:
         try:
             config, _ = oci_stand_in.throwaway_oci_config(tmp_path)
-            node = start_server(
-                **node_settings(
+            node = start_server()
+            publisher = start_publisher(
+                node,
+                **publisher_settings(
                     config, monitoring.url, oci_metrics_interval=0.2, oci_metrics_timeout=0.5
-                )
+                ),
             )
             wait_until(lambda: len(monitoring.requests()) >= 2, 20, "two posts tried")
 
@@ -141,6 +258,7 @@ def test_a_hanging_or_failing_monitoring_endpoint_never_affects_serving(
                 events = [line for line in response.iter_lines() if line.startswith("event:")]
             assert events[-1] == "event: done"
             assert node.process.poll() is None
+            assert publisher.process.poll() is None
 
             # One post out at a time: the next starts only once the last one has failed or
             # been given up (after the 0.5 s timeout when the endpoint hangs), so a hanging
@@ -148,8 +266,7 @@ def test_a_hanging_or_failing_monitoring_endpoint_never_affects_serving(
             posts = monitoring.requests()
             gaps = [b.at - a.at for a, b in itertools.pairwise(posts)]
             assert min(gaps) > (0.45 if endpoint == "hanging" else 0.15), gaps
-            node.log()  # flushes the log file
-            log = node.log_path.read_text(errors="replace")
+            log = publisher.log()
             assert log.count("OCI Monitoring: the load was not posted") == 1, log
             reason = "no answer in 0.5 s" if endpoint == "hanging" else "500"
             assert reason in log

@@ -1,18 +1,25 @@
-"""sd_notify as systemd would receive it: datagrams on a real NOTIFY_SOCKET, in process."""
+"""sd_notify as systemd would receive it: datagrams on a real NOTIFY_SOCKET, in process; and
+what each unit lets its process reach over IP, read from the unit files as systemd would."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import os
+import re
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
+from gguf_appliance.install import UNITS, InstallPlan, rendered_files
+from gguf_appliance.resources import shipped, static_dir
 from gguf_appliance.systemd import SystemdNotifier
 
 WATCHDOG_USEC = 100_000  # pings every 0.05 s
@@ -220,3 +227,144 @@ def test_a_full_queue_drops_the_message_at_once_and_warns_once(
     notifier.notify("WATCHDOG=1")
     systemd_socket.settimeout(2)
     assert systemd_socket.recv(4096) == b"WATCHDOG=1"
+
+
+# --- what each unit may reach over IP ---
+# IPAddressAllow=/IPAddressDeny= act on the unit's whole control group, '+' steps included: an
+# address in an allow list passes, else one in a deny list is dropped, else it passes.
+
+LOOPBACK = "127.0.0.1"
+METADATA = "169.254.169.254"  # instance principals' certificates; the VCN's DNS resolver
+# A public address as OCI's service endpoints have (telemetry-ingestion, secrets.vaults, auth),
+# reached through the service or NAT gateway; and the Hub's, reached through the NAT gateway.
+OCI_SERVICE = "134.70.24.1"
+HUB = "18.164.174.17"
+VCN = ("10.0.0.5", "172.16.3.4", "192.168.1.1", "100.64.0.1", "fd00::1")  # other nodes, the LB
+OTHER_LINK_LOCAL = ("169.254.0.2", "fe80::1")
+
+_SYMBOLIC = {
+    "any": ("0.0.0.0/0", "::/0"),
+    "localhost": ("127.0.0.0/8", "::1/128"),
+    "link-local": ("169.254.0.0/16", "fe80::/64"),
+    "multicast": ("224.0.0.0/4", "ff00::/8"),
+}
+
+
+def unit_directives(unit: str) -> dict[str, list[str]]:
+    """Each directive's values in order, as the shipped file gives them (an empty one resets)."""
+    values: dict[str, list[str]] = {}
+    for line in (shipped("systemd") / unit).read_text().splitlines():
+        if line.strip() and not line.startswith(("#", ";", "[")):
+            key, _, value = line.partition("=")
+            values.setdefault(key, []).append(value)
+    return values
+
+
+def ip_lists(unit: str) -> tuple[list[ipaddress.IPv4Network | ipaddress.IPv6Network], ...]:
+    directives = unit_directives(unit)
+    lists = []
+    for key in ("IPAddressAllow", "IPAddressDeny"):
+        networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
+        for value in directives.get(key, []):
+            if not value:
+                networks = []
+            for word in value.split():
+                networks += [ipaddress.ip_network(n) for n in _SYMBOLIC.get(word, (word,))]
+        lists.append(networks)
+    return tuple(lists)
+
+
+def reaches(unit: str, address: str) -> bool:
+    allow, deny = ip_lists(unit)
+    ip = ipaddress.ip_address(address)
+    return any(ip in n for n in allow if n.version == ip.version) or not any(
+        ip in n for n in deny if n.version == ip.version
+    )
+
+
+def commands(unit: str) -> list[str]:
+    directives = unit_directives(unit)
+    return [v for key, vs in directives.items() if key.startswith("Exec") for v in vs]
+
+
+def test_the_reach_check_reads_allow_over_deny() -> None:
+    assert reaches("gguf-appliance.service", "127.0.0.53")
+    assert not reaches("gguf-appliance.service", "8.8.8.8")
+    assert not reaches("gguf-appliance.service", "::2")
+
+
+@pytest.mark.parametrize(
+    ("command", "unit"),
+    [
+        ("gguf-appliance serve", "gguf-appliance.service"),
+        ("gguf-appliance fetch", "gguf-appliance-fetch.service"),
+        ("gguf-appliance vault-secrets", "gguf-appliance-secrets.service"),
+        ("gguf-appliance oci-metrics", "gguf-appliance-oci-metrics.service"),
+    ],
+)
+def test_each_command_that_goes_out_runs_in_one_unit_only(command: str, unit: str) -> None:
+    running = [u for u in UNITS if any(c.endswith(command) for c in commands(u))]
+    assert running == [unit]
+
+
+def test_the_node_reaches_loopback_only(tmp_path: Path) -> None:
+    node = "gguf-appliance.service"
+    assert reaches(node, LOOPBACK) and reaches(node, "::1")
+    for address in (METADATA, OCI_SERVICE, HUB, *VCN, *OTHER_LINK_LOCAL):
+        assert not reaches(node, address), address
+    # And systemd reads the unit so: its allow list holds loopback alone.
+    plan = InstallPlan(bin_dir=Path(sys.executable).parent, static_dir=static_dir())
+    (rendered,) = [t for p, t in rendered_files(plan).items() if p.name == node]
+    (tmp_path / node).write_text(rendered)
+    result = subprocess.run(
+        ["systemd-analyze", "security", "--offline=yes", str(tmp_path / node)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert re.search(
+        r"IPAddressDeny=\s+Service defines IP address allow list with only "
+        r"localhost entries",
+        result.stdout,
+    ), result.stdout
+
+
+def test_the_nodes_own_steps_make_no_call_beyond_loopback() -> None:
+    # '+' steps run in the node's control group, under its IP lists: they may only hand work to
+    # other units (systemctl, over a Unix socket) and copy files.
+    allowed = (
+        "@BIN@/gguf-appliance serve",
+        "+/bin/systemctl start gguf-appliance-secrets.service",
+        "+/bin/sh -euc 'umask 077; mkdir -p /run/gguf-appliance-keys;",
+        "/bin/kill -HUP $MAINPID",
+        "+/bin/rm -rf /run/gguf-appliance-keys",
+    )
+    for command in commands("gguf-appliance.service"):
+        assert command.startswith(allowed), command
+
+
+@pytest.mark.parametrize(
+    "unit", ["gguf-appliance-secrets.service", "gguf-appliance-oci-metrics.service"]
+)
+def test_the_oci_helpers_reach_the_metadata_service_and_public_endpoints_only(unit: str) -> None:
+    for address in (LOOPBACK, METADATA, OCI_SERVICE):
+        assert reaches(unit, address), address
+    for address in (*VCN, *OTHER_LINK_LOCAL):
+        assert not reaches(unit, address), address
+
+
+def test_the_fetch_unit_reaches_the_hub_and_object_storage() -> None:
+    for address in (HUB, OCI_SERVICE, LOOPBACK):
+        assert reaches("gguf-appliance-fetch.service", address), address
+
+
+def test_the_node_asks_the_secrets_unit_at_start_and_reload_and_the_fetch_waits_for_it() -> None:
+    node = unit_directives("gguf-appliance.service")
+    start = "+/bin/systemctl start gguf-appliance-secrets.service"
+    # First, so a Vault that cannot be read fails the start or reload before the key is staged.
+    assert node["ExecStartPre"][0] == start
+    assert node["ExecReload"][0] == start
+    fetch = unit_directives("gguf-appliance-fetch.service")
+    assert "gguf-appliance-secrets.service" in fetch["After"]
+    secrets = unit_directives("gguf-appliance-secrets.service")
+    assert secrets["Type"] == ["oneshot"] and "RemainAfterExit" not in secrets

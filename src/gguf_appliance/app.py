@@ -28,7 +28,6 @@ from .engine import Engine, engine_config
 from .errors import ApplianceError, ModelError
 from .keys import ApiKeys
 from .metrics import Metrics
-from .oci_metrics import load_publisher
 from .resources import static_dir
 from .settings import Settings
 from .sources import fetch_in_thread, source_name
@@ -109,12 +108,6 @@ def create_app(settings: Settings) -> Starlette:
         loading = asyncio.create_task(load_model())
         watchdog = asyncio.create_task(notifier.watchdog(engine.healthy))
         lag = asyncio.create_task(app_metrics.watch_event_loop())
-        publisher = None
-        if settings.oci_metrics_compartment:  # the load, to OCI Monitoring, off the loop
-            publisher = await asyncio.to_thread(
-                load_publisher, settings, engine, app_metrics.ttft_seconds
-            )
-            publisher.start()
         loop = asyncio.get_running_loop()
         # SIGHUP (`systemctl reload`) re-reads the key file. Signals reach only the main thread.
         hangup = threading.current_thread() is threading.main_thread()
@@ -138,8 +131,6 @@ def create_app(settings: Settings) -> Starlette:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-            if publisher is not None:
-                await asyncio.to_thread(publisher.stop)
             await asyncio.to_thread(engine.close)
             await asyncio.to_thread(embedding.close)
 

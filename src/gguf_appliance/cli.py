@@ -51,6 +51,25 @@ def cmd_vault_secrets(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_oci_metrics(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from .oci_metrics import load_publisher
+
+    settings = _settings(args)
+    configure_logging(settings.log_level, settings.log_format)
+    if not settings.oci_metrics_compartment:
+        print("gguf-appliance: no OCI_METRICS_COMPARTMENT set: the load is not posted")
+        return 0
+    publisher = load_publisher(settings)
+    stop = threading.Event()
+    for number in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(number, lambda *_: stop.set())
+    publisher.run_until(stop)
+    return 0
+
+
 def cmd_fetch(args: argparse.Namespace) -> int:
     from .sources import fetch_model
 
@@ -358,6 +377,13 @@ def build_parser() -> argparse.ArgumentParser:
     vault.add_argument("--hf-token-file", type=Path, default=Path("/etc/gguf-appliance/hf-token"))
     vault.set_defaults(func=cmd_vault_secrets)
 
+    metrics = sub.add_parser(
+        "oci-metrics",
+        help="post the node's load (its /metrics on loopback) to OCI Monitoring until stopped",
+        description="Every OCI_METRICS_INTERVAL seconds, read the node's /metrics at HOST:PORT "
+        "and post its load to OCI Monitoring (OCI_METRICS_COMPARTMENT; unset: exit at once).",
+    )
+    metrics.set_defaults(func=cmd_oci_metrics)
     settings = sub.add_parser("settings", help="print the effective settings")
     settings.add_argument("--markdown", action="store_true", help="the table of every setting")
     settings.set_defaults(func=cmd_settings)

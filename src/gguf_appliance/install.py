@@ -17,7 +17,14 @@ from pathlib import Path
 
 from .resources import shipped, static_dir
 
-UNITS = ("gguf-appliance-fetch.service", "gguf-appliance.service")
+# The node and its helpers: each that reaches beyond loopback is a unit of its own, so the
+# node's may reach loopback only (docs/security.md).
+UNITS = (
+    "gguf-appliance-secrets.service",
+    "gguf-appliance-fetch.service",
+    "gguf-appliance.service",
+    "gguf-appliance-oci-metrics.service",
+)
 SITE = "gguf-appliance"
 
 ENV_FILE_TEMPLATE = """\

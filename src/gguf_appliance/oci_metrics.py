@@ -1,11 +1,14 @@
 """The node's load, posted to OCI Monitoring as custom metrics for the pool's autoscaling.
 
-Every `interval` seconds a thread of its own (never the event loop, never the scheduler's
-thread) reads what /metrics already shows (busy slots, slots, queue depth, tokens generated,
-time to first token) and posts one datapoint per metric. Each post runs in a thread of its own
-and is waited for at most `timeout` seconds; while one is still out, no other starts, so a
-hanging endpoint holds one thread and nothing else. A failed post is logged (once until a post
-succeeds again) and its datapoints dropped: the load of a minute ago is of no use to autoscaling.
+`gguf-appliance oci-metrics` runs beside the node, in a unit of its own
+(systemd/gguf-appliance-oci-metrics.service): the node's unit may reach loopback only, while
+posting needs the metadata service (instance principals) and OCI's public endpoints. Every
+`interval` seconds it reads the node's /metrics on loopback (busy slots, slots, queue depth,
+tokens generated, time to first token) and posts one datapoint per metric. Each post runs in a
+thread of its own and is waited for at most `timeout` seconds; while one is still out, no other
+starts, so a hanging endpoint holds one thread and nothing else. A failed post is logged (once
+until a post succeeds again) and its datapoints dropped: the load of a minute ago is of no use
+to autoscaling. While the node cannot be read (starting, restarting) nothing is posted.
 
 Metrics, in the namespace (`gguf_appliance` by default) and the compartment given, each with
 the dimensions `resourceId` (the instance's OCID) and `pool`:
@@ -25,13 +28,13 @@ import logging
 import socket
 import threading
 import time
+import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from prometheus_client import Histogram
+from prometheus_client.parser import text_string_to_metric_families
 
-from .engine import Engine
 from .oci_auth import OciCredentials, client_options, import_oci, oci_credentials
 from .settings import Settings
 
@@ -66,40 +69,95 @@ class LoadSample:
         return values
 
 
+@dataclass(frozen=True)
+class NodeCounters:
+    """What the node's /metrics says at one moment; rates come from two of these."""
+
+    busy_slots: int
+    slots: int
+    queue_depth: int
+    completion_tokens: float
+    ttft_sum: float
+    ttft_count: float
+
+
+_SCRAPED = {
+    "gguf_appliance_busy_slots": "busy_slots",
+    "gguf_appliance_slots": "slots",
+    "gguf_appliance_queue_depth": "queue_depth",
+    "gguf_appliance_completion_tokens_total": "completion_tokens",
+    "gguf_appliance_time_to_first_token_seconds_sum": "ttft_sum",
+    "gguf_appliance_time_to_first_token_seconds_count": "ttft_count",
+}
+
+
+def parse_counters(text: str) -> NodeCounters:
+    """The counters in a /metrics page (Prometheus text); a missing one is an error."""
+    found: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name in _SCRAPED:
+                found[_SCRAPED[sample.name]] = sample.value
+    missing = sorted(set(_SCRAPED.values()) - set(found))
+    if missing:
+        raise ValueError(f"the node's /metrics lacks {', '.join(missing)}")
+    return NodeCounters(
+        busy_slots=int(found["busy_slots"]),
+        slots=int(found["slots"]),
+        queue_depth=int(found["queue_depth"]),
+        completion_tokens=found["completion_tokens"],
+        ttft_sum=found["ttft_sum"],
+        ttft_count=found["ttft_count"],
+    )
+
+
+def node_counters(url: str, timeout: float) -> Callable[[], NodeCounters]:
+    """Reads the node's /metrics at `url` (loopback: the node's unit answers nothing else)."""
+
+    # Straight to the node: an https_proxy set for OCI's endpoints must not carry this.
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+    def read() -> NodeCounters:
+        with opener.open(url, timeout=timeout) as response:
+            return parse_counters(response.read().decode("utf-8"))
+
+    return read
+
+
 class LoadSampler:
-    """Reads the engine and the TTFT histogram; rates are over the time since the last read."""
+    """Reads the node's counters; rates are over the time since the last read."""
 
-    def __init__(self, engine: Engine, ttft: Histogram) -> None:
-        self.engine = engine
-        self.ttft = ttft
-        self._last = (time.monotonic(), self._tokens(), *self._ttft_totals())
+    def __init__(self, read: Callable[[], NodeCounters]) -> None:
+        self.read = read
+        self._last: tuple[float, NodeCounters] | None = None
 
-    def _tokens(self) -> int:
-        return self.engine.token_totals()[2]
-
-    def _ttft_totals(self) -> tuple[float, float]:
-        total = count = 0.0
-        for family in self.ttft.collect():
-            for sample in family.samples:
-                if sample.name.endswith("_sum"):
-                    total = sample.value
-                elif sample.name.endswith("_count"):
-                    count = sample.value
-        return total, count
-
-    def sample(self) -> LoadSample:
-        now, tokens = time.monotonic(), self._tokens()
-        ttft_sum, ttft_count = self._ttft_totals()
-        then, last_tokens, last_sum, last_count = self._last
-        self._last = (now, tokens, ttft_sum, ttft_count)
+    def sample(self) -> LoadSample | None:
+        """The load now; None at the first read (no rate yet) or when the node cannot be read
+        (not up yet, restarting): no datapoint is better than a made-up zero."""
+        now = time.monotonic()
+        try:
+            counters = self.read()
+        except (OSError, ValueError) as exc:
+            if self._last is not None:
+                log.warning("OCI Monitoring: cannot read the node's load: %s", exc)
+            self._last = None
+            return None
+        last, self._last = self._last, (now, counters)
+        if last is None:
+            return None
+        then, before = last
         elapsed = now - then
-        started = ttft_count - last_count
+        tokens = counters.completion_tokens - before.completion_tokens
+        started = counters.ttft_count - before.ttft_count
         return LoadSample(
-            busy_slots=self.engine.busy_slots,
-            slots=self.engine.config.n_slots,
-            queue_depth=self.engine.queue_depth,
-            tokens_per_second=(tokens - last_tokens) / elapsed if elapsed > 0 else 0.0,
-            time_to_first_token=(ttft_sum - last_sum) / started if started > 0 else None,
+            busy_slots=counters.busy_slots,
+            slots=counters.slots,
+            queue_depth=counters.queue_depth,
+            # A restarted node's counters start again from 0: no negative rate.
+            tokens_per_second=max(0.0, tokens / elapsed) if elapsed > 0 else 0.0,
+            time_to_first_token=(counters.ttft_sum - before.ttft_sum) / started
+            if started > 0
+            else None,
         )
 
 
@@ -184,6 +242,11 @@ class LoadPublisher:
         self._stop.set()
         self._thread.join(self.timeout + 1)
 
+    def run_until(self, stop: threading.Event) -> None:
+        """Publish in the calling thread until `stop` is set (the CLI's SIGTERM)."""
+        self._stop = stop
+        self._run()
+
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
             try:
@@ -193,6 +256,8 @@ class LoadPublisher:
 
     def publish_once(self) -> None:
         sample = self.sampler.sample()
+        if sample is None:
+            return
         if self._inflight is not None and self._inflight.is_alive():
             self._failed("the last post has not returned")
             return
@@ -242,8 +307,6 @@ def _brief(exc: BaseException) -> str:
 
 def instance_id(timeout: float = 2.0) -> str | None:
     """This instance's OCID from the metadata service (v2), or None off OCI."""
-    import urllib.request
-
     request = urllib.request.Request(
         "http://169.254.169.254/opc/v2/instance/id", headers={"Authorization": "Bearer Oracle"}
     )
@@ -254,9 +317,16 @@ def instance_id(timeout: float = 2.0) -> str | None:
         return None
 
 
-def load_publisher(settings: Settings, engine: Engine, ttft: Histogram) -> LoadPublisher:
-    """The publisher the settings describe (oci_metrics_compartment set); not started. Blocks
-    up to 2 s asking the metadata service for the instance's OCID unless it is given."""
+def node_metrics_url(settings: Settings) -> str:
+    """The node's /metrics as seen from this machine (a wildcard address: loopback)."""
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(settings.host, settings.host)
+    return f"http://{f'[{host}]' if ':' in host else host}:{settings.port}/metrics"
+
+
+def load_publisher(settings: Settings) -> LoadPublisher:
+    """The publisher the settings describe (oci_metrics_compartment set), reading the node at
+    its host and port; not started. Blocks up to 2 s asking the metadata service for the
+    instance's OCID unless it is given."""
     assert settings.oci_metrics_compartment is not None
     resource_id = settings.oci_metrics_resource_id
     if resource_id is None and settings.oci_auth == "instance_principal":
@@ -280,7 +350,7 @@ def load_publisher(settings: Settings, engine: Engine, ttft: Histogram) -> LoadP
         credentials, settings.oci_monitoring_endpoint, settings.oci_metrics_timeout
     )
     return LoadPublisher(
-        LoadSampler(engine, ttft),
+        LoadSampler(node_counters(node_metrics_url(settings), settings.oci_metrics_timeout)),
         target,
         post,
         interval=settings.oci_metrics_interval,
