@@ -42,6 +42,32 @@ function announce(text) {
   $("announce").textContent = text;
 }
 
+// --- what screen readers hear of the conversation ---
+
+// The conversation (#log) is not a live region: it is drawn whole when a chat is opened, after an
+// edit or a regenerate, and a screen reader would read all of it out each time (aria-busy around
+// the redraw would only put that off: ARIA lets a reader present what changed once it clears).
+// What is new goes to a live region of its own instead (#log-news, role log: its additions are
+// read): an answer once it is complete or has failed, a note that older turns were left out. Your
+// own message is not read back to you. Each line goes again after a while: a screen reader has it
+// by then, and someone browsing the page should not meet the answer twice.
+const news = $("log-news");
+const NEWS_KEPT_MS = 10_000;
+
+// An entry of the log, read out as "Model: the answer (cut at max tokens)": who speaks and the
+// content as it shows (lists, tables, code), without its buttons.
+function say(item, ending = "") {
+  const content = item.querySelector(".content").cloneNode(true);
+  for (const bar of content.querySelectorAll(".code-bar")) bar.remove();
+  // Nothing in a hidden region may take focus: a link there is read as its text.
+  for (const link of content.querySelectorAll("a")) link.replaceWith(...link.childNodes);
+  const line = document.createElement("div");
+  line.append(`${item.querySelector(".speaker").textContent} `, ...content.childNodes);
+  if (ending) line.append(` (${ending})`);
+  news.append(line);
+  setTimeout(() => line.remove(), NEWS_KEPT_MS);
+}
+
 // --- settings, remembered in this browser ---
 
 function loadSettings() {
@@ -271,11 +297,13 @@ function describeFailure(status, body, retryAfter) {
   return `The node answered HTTP ${status}: ${message}`;
 }
 
+const ENDINGS = { length: "cut at max tokens", cancelled: "stopped", timeout: "timed out" };
+
 function describeDone(data) {
   const ttft = data.time_to_first_token == null ? "–" : `${data.time_to_first_token.toFixed(2)} s`;
   const rate = data.tokens_per_second == null ? "–" : `${data.tokens_per_second.toFixed(1)} tok/s`;
-  const ending = { stop: "", length: " · cut at max tokens", cancelled: " · stopped", timeout: " · timed out" };
-  return `${data.completion_tokens} tokens · first token ${ttft} · ${rate}${ending[data.finish_reason] ?? ""}`;
+  const ending = ENDINGS[data.finish_reason];
+  return `${data.completion_tokens} tokens · first token ${ttft} · ${rate}${ending ? ` · ${ending}` : ""}`;
 }
 
 async function saveChat(thread) {
@@ -302,7 +330,9 @@ async function ask() {
         "and are left out of what it is sent: it does not see them" + (system ? " (it still sees the system prompt)." : "."),
     };
     thread.messages.push(notice);
-    log.append(messageEntry(notice, thread.messages.length - 1));
+    const item = messageEntry(notice, thread.messages.length - 1);
+    log.append(item);
+    say(item);
   }
   if (thread.messages.filter((m) => m.role === "user").length === 1) thread.title = store.titleFrom(send.at(-1).content);
   const answer = entry("assistant");
@@ -373,6 +403,7 @@ async function ask() {
       if (thread === chat) {
         if (!prompt.value) prompt.value = lost.content;
         log.querySelector(`li[data-index="${last}"] .actions`)?.remove();
+        say(answer);
       }
       setBusy(false);
     } else {
@@ -385,14 +416,15 @@ async function ask() {
       }
       thread.messages.push(message);
       if (thread === chat) {
-        // Only the answer's entry is replaced (the log is a live region: a screen reader reads
-        // what changed, so the rest is left as it is); Regenerate moves to it.
+        // Only the answer's entry is replaced (the rest stays as it is, and where you were in
+        // it); Regenerate moves to it.
         for (const old of log.querySelectorAll(".regenerate")) {
           (old.parentElement.childElementCount === 1 ? old.parentElement : old).remove();
         }
         const item = messageEntry(message, thread.messages.length - 1);
         answer.replaceWith(item);
         item.scrollIntoView({ block: "end" });
+        say(item, done ? ENDINGS[done.finish_reason] : "stopped");
       }
       setBusy(false);
       await saveChat(thread);

@@ -729,14 +729,13 @@ def test_the_keyboard_alone_reaches_and_works_every_control(
     expect(page.locator("#prompt")).to_be_focused()
 
 
-def test_screen_readers_get_named_regions_controls_and_a_live_conversation(
+def test_screen_readers_get_named_regions_controls_and_entries_that_say_who_speaks(
     page: Page, server: RunningServer
 ) -> None:
     open_page(page, server)
     expect(page.get_by_role("navigation", name="Conversations")).to_be_visible()
     expect(page.get_by_role("main")).to_be_visible()
     conversation = page.get_by_role("list", name="Conversation", exact=True)
-    expect(conversation).to_have_attribute("aria-live", "polite")
     expect(page.locator("#status")).to_have_attribute("role", "status")
     for role, name in [
         ("textbox", "Message"),
@@ -761,7 +760,7 @@ def test_screen_readers_get_named_regions_controls_and_a_live_conversation(
     settings_button.click()
 
     # While a real answer streams its entry says it is busy (a screen reader waits for the
-    # whole of it); each entry says who speaks, also when the live region reads it out.
+    # whole of it); each entry says who speaks, also when it is read out as news.
     page.evaluate("""() => {
         new MutationObserver(() => {
             const busy = document.querySelector('#log li.assistant[aria-busy="true"]');
@@ -787,6 +786,138 @@ def test_screen_readers_get_named_regions_controls_and_a_live_conversation(
     title = page.locator("#chat-list .open-chat").inner_text()
     expect(page.get_by_role("button", name=f"Rename “{title}”")).to_have_count(1)
     expect(page.get_by_role("button", name=f"Delete “{title}”")).to_have_count(1)
+
+
+def accessibility_tree(page: Page) -> dict[str, dict[str, Any]]:
+    """Chromium's accessibility tree of the page (what a screen reader is given), by node id."""
+    cdp = page.context.new_cdp_session(page)
+    nodes = cdp.send("Accessibility.getFullAXTree")["nodes"]
+    cdp.detach()
+    return {node["nodeId"]: node for node in nodes}
+
+
+def ax_properties(node: dict[str, Any]) -> dict[str, Any]:
+    return {p["name"]: p["value"].get("value") for p in node.get("properties", [])}
+
+
+def read_out_when_changed(tree: dict[str, dict[str, Any]], text: str) -> list[tuple[str, bool]]:
+    """Each piece of text on the page containing `text`, as (the list or log it is in, whether a
+    screen reader would read it out if it changed: only in a live region, polite or assertive,
+    and not where it is busy)."""
+    found = []
+    for node in tree.values():
+        if node["role"]["value"] != "StaticText" or text not in node["name"]["value"]:
+            continue
+        container, live, busy = "", False, False
+        while node:
+            properties = ax_properties(node)
+            busy = busy or bool(properties.get("busy"))
+            if not live and not busy:
+                live = properties.get("live") in ("polite", "assertive")
+            if not container and node["role"]["value"] in ("list", "log"):
+                container = node.get("name", {}).get("value", "")
+            node = tree.get(node.get("parentId", ""))
+        found.append((container, live))
+    return sorted(found)
+
+
+# Put on every live region of the accessibility tree: record what is added to it, or what its
+# text becomes, unless that is inside a busy element (which a screen reader waits for).
+LISTEN = """function () {
+    const region = this;
+    window.__heard ??= [];
+    new MutationObserver((records) => {
+        for (const record of records) {
+            const target = record.target.nodeType === Node.TEXT_NODE
+                ? record.target.parentElement : record.target;
+            const busy = target.closest('[aria-busy="true"]');
+            if (busy && region.contains(busy)) continue;
+            const texts = record.type === 'characterData'
+                ? [record.target.data] : [...record.addedNodes].map((n) => n.textContent);
+            for (const text of texts) if (text.trim()) window.__heard.push(text.trim());
+        }
+    }).observe(region, {subtree: true, childList: true, characterData: true});
+}"""
+
+
+def listen_to_live_regions(page: Page) -> None:
+    cdp = page.context.new_cdp_session(page)
+    regions = 0
+    for node in cdp.send("Accessibility.getFullAXTree")["nodes"]:
+        if ax_properties(node).get("live") in ("polite", "assertive"):
+            element = cdp.send("DOM.resolveNode", {"backendNodeId": node["backendDOMNodeId"]})
+            cdp.send(
+                "Runtime.callFunctionOn",
+                {"objectId": element["object"]["objectId"], "functionDeclaration": LISTEN},
+            )
+            regions += 1
+    cdp.detach()
+    assert regions > 0
+
+
+def heard(page: Page) -> list[str]:
+    texts: list[str] = page.evaluate("window.__heard")
+    return texts
+
+
+def test_screen_readers_hear_what_is_new_but_not_a_chat_drawn_again(
+    page: Page, server: RunningServer
+) -> None:
+    # A small context, so that the second question leaves the first turn out (and says so).
+    card = {"id": "small", "object": "model", "context_length": 256, "max_prompt_tokens": 255}
+    page.route("**/v1/models", lambda route: route.fulfill(json={"object": "list", "data": [card]}))
+    open_page(page, server)
+    set_options(page, max_tokens="48")
+    listen_to_live_regions(page)
+    first = "Tell me about oaks. " * 15
+    second = "And about the birch? " * 15
+    reply_with(page, "Oaks live **long**: see [the list](https://example.org/).")
+    send(page, first)
+    answered(page, 1)
+    reply_with(page, "Birches are *pale*.")
+    send(page, second)
+    answered(page, 2)
+    # What was new is read out: each answer once it is complete (its link as text, no buttons),
+    # the note; your own messages are not read back to you.
+    expect(page.locator("#log li.notice")).to_have_count(1)
+    assert heard(page) == [
+        "Model: Oaks live long: see the list.",
+        "Note: The 2 oldest messages no longer fit in the model's context (256 tokens) and are "
+        "left out of what it is sent: it does not see them.",
+        "Model: Birches are pale.",
+    ]
+    tree = accessibility_tree(page)
+    assert read_out_when_changed(tree, "Birches are") == [
+        ("Conversation", False),
+        ("New in the conversation", True),
+    ]
+    news = [n for n in tree.values() if n.get("name", {}).get("value") == "New in the conversation"]
+    assert [n["role"]["value"] for n in news] == ["log"]
+    assert ax_properties(news[0])["relevant"] == "additions text"
+
+    # The chat opened again from the list is drawn whole: nothing of it is live, nothing heard.
+    page.click("#new-chat")
+    page.locator("#chat-list .open-chat").first.click()
+    expect(page.locator("#log li")).to_have_count(5)
+    tree = accessibility_tree(page)
+    for text in ("Tell me about oaks.", "Oaks live", "no longer fit", "the birch?", "Birches are"):
+        found = read_out_when_changed(tree, text)
+        assert ("Conversation", False) in found and ("Conversation", True) not in found, text
+    assert len(heard(page)) == 3
+
+    # Regenerate and edit draw the chat again too: only their new answer is heard.
+    reply_with(page, "Birches have white bark.")
+    page.click("#log .regenerate")
+    answered(page, 2)
+    expect(page.locator("#log li.assistant").last).to_contain_text("white bark")
+    reply_with(page, "Elms are tall.")
+    page.locator("#log li.user").first.locator(".edit").click()
+    page.locator("#log .editor textarea").fill("Tell me about elms.")
+    page.keyboard.press("Enter")
+    answered(page, 1)
+    assert heard(page)[3:] == ["Model: Birches have white bark.", "Model: Elms are tall."]
+    for text in ("Tell me about elms.", "Elms are tall."):
+        assert ("Conversation", False) in read_out_when_changed(accessibility_tree(page), text)
 
 
 def test_the_status_line_is_read_out_only_when_it_changes(
