@@ -7,7 +7,7 @@ PORT ?= 8000
 # llama-cpp-python compiles from source; build on every core (pip caches the wheel after).
 export CMAKE_BUILD_PARALLEL_LEVEL ?= $(shell nproc)
 
-.PHONY: help install system-deps run test boot-test lint format clean readme bench checkov pool soak arm64-wheel arm64-run vendor
+.PHONY: help install system-deps run test boot-test lint format clean readme bench llama-server checkov pool soak arm64-wheel arm64-run vendor
 
 help:
 	@echo "make run    serve the chat page and API on http://$(HOST):$(PORT)/ (bundled model)"
@@ -151,9 +151,31 @@ $(BASELINE)/bin/python:
 	$(PYTHON) -m venv $(BASELINE)
 	$(BASELINE)/bin/pip install --quiet 'llama-cpp-python[server]==0.3.36'
 
-bench: install $(BASELINE)/bin/python
+# llama.cpp's own server (and llama-batched-bench), built from the llama.cpp that the pinned
+# llama-cpp-python's sdist vendors: the same commit as ours, the same native flags as pip's build.
+# Cached in build/llama.cpp after the first build (about 6 minutes on 2 cores).
+LLAMA_BUILD ?= build/llama.cpp
+LLAMA_SERVER := $(LLAMA_BUILD)/bin/llama-server
+$(LLAMA_SERVER): pyproject.toml | $(VENV)/.installed
+	@command -v cmake >/dev/null 2>&1 && command -v g++ >/dev/null 2>&1 || \
+		{ $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+		  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq cmake g++; }
+	rm -rf $(LLAMA_BUILD) build/llama-sdist && mkdir -p build/llama-sdist
+	$(BIN)/pip download --quiet --no-deps --no-binary :all: -d build/llama-sdist \
+		llama-cpp-python==$(LLAMA_CPP_VERSION)
+	tar -xzf build/llama-sdist/llama_cpp_python-$(LLAMA_CPP_VERSION).tar.gz -C build/llama-sdist
+	cmake -S build/llama-sdist/llama_cpp_python-$(LLAMA_CPP_VERSION)/vendor/llama.cpp \
+		-B $(LLAMA_BUILD) -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF \
+		-DCMAKE_RUNTIME_OUTPUT_DIRECTORY=$(abspath $(LLAMA_BUILD))/bin
+	cmake --build $(LLAMA_BUILD) -j $(shell nproc) --target llama-server llama-batched-bench
+	rm -rf build/llama-sdist
+
+llama-server: $(LLAMA_SERVER)
+
+bench: install $(BASELINE)/bin/python $(LLAMA_SERVER)
 	$(BIN)/python benchmarks/single_stream.py
-	$(BIN)/python benchmarks/concurrency.py --baseline-python $(BASELINE)/bin/python
+	$(BIN)/python benchmarks/concurrency.py --baseline-python $(BASELINE)/bin/python \
+		--llama-server $(LLAMA_SERVER)
 
 # Five minutes of mixed clients against one node; the checks and figures: docs/limits-and-logs.md.
 # (The test suite runs a 40-second variant: tests/test_soak.py.)

@@ -72,6 +72,7 @@ def engine_config(settings: Settings) -> EngineConfig:
         prefill_chunk=settings.prefill_chunk,
         reuse_prefix=settings.reuse_prefix,
         stream_interval=settings.stream_interval,
+        kv_cache_type=settings.kv_cache_type,
     )
 
 
@@ -121,6 +122,7 @@ class Engine:
             n_batch=config.n_batch,
             threads=config.threads,
             chat_template=chat_template,
+            kv_type=config.kv_cache_type,
         )
         self.scheduler = SlotScheduler(self.model, config, on_done=self._done)
         self.scheduler.start()
@@ -133,12 +135,13 @@ class Engine:
         threading.Thread(target=self._warm_grammars, name="gguf-grammar-warm", daemon=True).start()
         self.load_seconds = time.monotonic() - started
         log.info(
-            "model loaded in %.2f s: %s, %d slots of %d tokens, %d threads, chat template %s, "
-            "tool calls %s",
+            "model loaded in %.2f s: %s, %d slots of %d tokens (KV cache %s), %d threads, "
+            "chat template %s, tool calls %s",
             self.load_seconds,
             model_path.name,
             config.n_slots,
             self.model.n_ctx_seq,
+            config.kv_cache_type,
             config.threads,
             self.model.chat_template,
             self.model.tool_syntax.name,

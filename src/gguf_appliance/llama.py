@@ -74,6 +74,21 @@ def tokenize(vocab: Any, text: str, *, add_special: bool, parse_special: bool) -
     return list(tokens[:n])
 
 
+# The KV cache's number types llama.cpp's CPU backend takes (ggml_type). A quantised V cache
+# needs flash attention: llama.cpp's "auto" turns it on for one.
+KV_TYPES = {
+    "f32": 0,
+    "f16": 1,
+    "q4_0": 2,
+    "q4_1": 3,
+    "q5_0": 6,
+    "q5_1": 7,
+    "q8_0": 8,
+    "iq4_nl": 20,
+    "bf16": 30,
+}
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     temperature: float = 0.8
@@ -106,9 +121,10 @@ class LlamaModel:
         n_batch: int,
         threads: int,
         chat_template: str | None = None,
+        kv_type: str = "f16",
     ) -> None:
         """`chat_template`: the CHAT_TEMPLATE setting (see chat_template.py); a bad one raises
-        ModelError, as a bad model does."""
+        ModelError, as a bad model does. `kv_type`: the KV cache's number type (KV_TYPES)."""
         _init_backend()
         self.path = path
         setting = None if chat_template is None else templates.read_setting(chat_template)
@@ -131,6 +147,7 @@ class LlamaModel:
         cparams.n_threads = threads
         cparams.n_threads_batch = threads
         cparams.kv_unified = False  # every sequence owns n_ctx / n_seq cells: no starvation
+        cparams.type_k = cparams.type_v = KV_TYPES[kv_type]
         cparams.no_perf = True
         self.ctx = C.llama_init_from_model(self.model, cparams)
         if not self.ctx:

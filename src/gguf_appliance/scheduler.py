@@ -4,8 +4,12 @@ Each of N slots is one sequence of the context with its own KV range and sampler
 step builds one batch: the last sampled token of every generating slot, plus prompt tokens of
 slots still reading their prompt (at most `prefill_chunk` of them while others generate, so a
 long prompt never stalls the streams in flight). One `llama_decode`, then one sample per slot
-that asked for logits. A slot keeps its KV when its request ends; the next request that starts
-with the same tokens (a chat's next turn) takes that slot and evaluates only what is new.
+that asked for logits. The batch holds its tokens in sequence order, and a new request takes a
+free slot that keeps the busy slots' sequence ids together: with a KV cache per sequence,
+llama.cpp makes one pass over the weights for each run of consecutive ids (0, 2, 4, 6 take four
+passes, 0-3 one). A slot keeps its KV when its request ends; the next request that starts with
+at least REUSE_MIN of the same tokens (a chat's next turn) takes that slot and evaluates only what
+is new.
 
 A request of several choices (`GenerationParams.n`, and several prompts) takes one slot per
 choice, all at once: it waits at the head of the queue until that many are free (FIFO: later
@@ -18,8 +22,8 @@ Two traffic classes share the slots. Waiting interactive jobs start first (FIFO 
 a batch job (`Job.batch`: a batch key's) starts only when no interactive job waits, and batch
 jobs together hold at most n_slots - 1 slots, so one is always free for the next interactive
 request (a batch request of more choices than that runs only when no other batch job does).
-Interactive prompts are read first, and batch prompts at most `batch_prefill` tokens a step
-(none in a step that reads an interactive one): a step that a chat's first token waits for
+Interactive prompts are read first, and batch prompts at most `batch_prefill` (16) tokens a
+step (none in a step that reads an interactive one): a step that a chat's first token waits for
 stays short, at some cost to a batch job of long prompts.
 
 Log probabilities are computed only for requests that ask (`GenerationParams.logprobs`), from
@@ -50,6 +54,18 @@ log = logging.getLogger("gguf_appliance.scheduler")
 # Prompt positions scored per step: each takes a row of n_vocab floats in llama.cpp's output
 # buffer (64 rows of a 49,152-token vocabulary: 12.6 MB), and a log-softmax here.
 SCORE_ROWS = 64
+
+
+# Most batch prompt tokens read in a step: a chat's first token never waits for a long one.
+BATCH_PREFILL = 16
+# Fewest cached prompt tokens that make a slot's cache worth taking over packing the busy slots
+# together: reading 32 tokens costs about as much as a few steps of an extra decode pass.
+REUSE_MIN = 32
+
+
+def _runs(seqs: set[int]) -> int:
+    """How many runs of consecutive numbers `seqs` makes ({0, 1, 3} makes 2)."""
+    return sum(1 for s in seqs if s - 1 not in seqs)
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -111,6 +127,7 @@ class EngineConfig:
     prefill_chunk: int  # prompt tokens per step while other slots generate
     reuse_prefix: bool
     stream_interval: float  # seconds between a stream's token events (0: every token)
+    kv_cache_type: str = "f16"  # the KV cache's number type (llama.KV_TYPES)
     # Most seconds a request's grammar may take to check one token: the check runs on the
     # scheduler thread, so every other stream waits for it.
     grammar_step_limit: float = 0.25
@@ -169,8 +186,9 @@ class SlotScheduler:
 
     @property
     def batch_prefill(self) -> int:
-        """Most batch prompt tokens read in one step."""
-        return max(8, self.config.prefill_chunk // 4)
+        """Most batch prompt tokens read in one step: BATCH_PREFILL, or fewer if a quarter of
+        prefill_chunk is fewer."""
+        return max(8, min(BATCH_PREFILL, self.config.prefill_chunk // 4))
 
     def _in_admission_order(self, new: Job | None = None) -> list[Job]:
         """The waiting jobs (and `new`, last of its class) in the order they start: the
@@ -299,17 +317,30 @@ class SlotScheduler:
             job.started = now
             choice = 0
             for prompt in job.prompts:
-                # The free slot whose cache shares the longest start with the prompt; else the
-                # one unused the longest, so a recent conversation's cache survives the longest.
-                leader = max(free, key=lambda s: (common_prefix(s.cache, prompt), -s.last_used))
+                leader = self._pick(free, prompt)
                 free.remove(leader)
                 self._start(leader, job, prompt, choice, now)
-                for i in range(1, job.params.n):  # its siblings: the least recently used
-                    sibling = min(free, key=lambda s: s.last_used)
+                for i in range(1, job.params.n):  # its siblings: a cache is of no use to them
+                    sibling = self._pick(free, [])
                     free.remove(sibling)
                     self._start(sibling, job, prompt, choice + i, now, leader=leader, offset=i)
                     leader.followers.append(sibling)
                 choice += job.params.n
+
+    def _pick(self, free: list[Slot], prompt: list[int]) -> Slot:
+        """The free slot for a prompt: the one whose cache shares the longest start with it, if
+        that saves reading at least REUSE_MIN tokens; else one that keeps the busy slots' sequence
+        ids in as few runs as it can (llama.cpp decodes each run of consecutive ids in a pass of
+        its own: see `_step`), and among those the one sharing the most with the prompt, then the
+        one unused the longest, so a recent conversation's cache survives the longest."""
+        shared = {
+            s.seq: common_prefix(s.cache, prompt) if self.config.reuse_prefix else 0 for s in free
+        }
+        best = max(free, key=lambda s: (shared[s.seq], -s.last_used))
+        if shared[best.seq] >= min(REUSE_MIN, len(prompt) - 1) > 0:
+            return best
+        busy = {s.seq for s in self.slots if s.job is not None}
+        return min(free, key=lambda s: (_runs(busy | {s.seq}), -shared[s.seq], s.last_used))
 
     def _start(
         self,
@@ -354,7 +385,6 @@ class SlotScheduler:
         self.cached_tokens_total += keep
 
     def _step(self, batch: Batch) -> None:
-        model = self.model
         now = time.monotonic()
         batch.clear()
         generating = 0
@@ -371,35 +401,25 @@ class SlotScheduler:
             elif now >= job.deadline:
                 self._finish(slot, "timeout", now)
             elif not slot.prefilling:
+                generating += 1
+        reads = self._prompt_reads(generating)
+        # The tokens go in in sequence order: with a KV cache per sequence, llama.cpp splits a
+        # batch into passes over the weights, one for each run of consecutive sequence ids in
+        # the batch's order (llama_batch_allocr::split_equal, sequential), so tokens of
+        # sequences 0, 1, 2 and 3 in that order take one pass, and in any other order up to four.
+        for slot in self.slots:
+            job = slot.job
+            if job is None:
+                continue
+            if not slot.prefilling:
                 slot.batch_index = batch.add(slot.last_token, len(slot.cache), slot.seq, True)
                 slot.cache.append(slot.last_token)
-                generating += 1
-        budget = model.n_batch - generating
-        if generating:
-            budget = min(budget, self.config.prefill_chunk)
-        score_budget = SCORE_ROWS
-        prefilling = sorted(
-            (s for s in self.slots if s.prefilling),
-            key=lambda s: (s.job is not None and s.job.batch, s.started),
-        )
-        # A step that reads an interactive prompt reads no batch prompt, and batch prompts are
-        # read a quarter chunk a step: a chat's first token waits for few batch prompt tokens.
-        chat_reads = any(s.job is not None and not s.job.batch for s in prefilling)
-        for slot in prefilling:
-            if budget <= 0:
-                break
-            assert slot.job is not None
-            if slot.leader is not None:  # its leader reads the prompt
                 continue
-            if slot.job.batch:
-                if chat_reads:
-                    break
-                budget = min(budget, self.batch_prefill)
+            size = reads.get(slot.seq, 0)
+            if not size:
+                continue
             prompt = slot.prompt
-            score = slot.job.params.score_prompt
-            size = min(budget, score_budget) if score else budget
-            if size <= 0:
-                continue
+            score = job.params.score_prompt
             chunk = prompt[slot.prompt_done : slot.prompt_done + size]
             last = len(prompt) - 1
             for j, token in enumerate(chunk, start=slot.prompt_done):
@@ -411,13 +431,49 @@ class SlotScheduler:
                     slot.batch_index = index
                     for follower in slot.followers:  # their first token: from these logits
                         follower.batch_index = index
-            if score:
-                score_budget -= len(chunk)
             slot.prompt_done += len(chunk)
             self.prompt_tokens_total += len(chunk)
-            budget -= len(chunk)
         if batch.n == 0:
             return
+        self._decode_and_sample(batch)
+
+    def _prompt_reads(self, generating: int) -> dict[int, int]:
+        """How many prompt tokens each prefilling slot reads this step (by sequence id)."""
+        budget = self.model.n_batch - generating
+        if generating:
+            budget = min(budget, self.config.prefill_chunk)
+        score_budget = SCORE_ROWS
+        prefilling = sorted(
+            (s for s in self.slots if s.prefilling),
+            key=lambda s: (s.job is not None and s.job.batch, s.started),
+        )
+        # A step that reads an interactive prompt reads no batch prompt, and batch prompts are
+        # read a quarter chunk a step: a chat's first token waits for few batch prompt tokens.
+        chat_reads = any(s.job is not None and not s.job.batch for s in prefilling)
+        reads: dict[int, int] = {}
+        for slot in prefilling:
+            if budget <= 0:
+                break
+            assert slot.job is not None
+            if slot.leader is not None:  # its leader reads the prompt
+                continue
+            if slot.job.batch:
+                if chat_reads:
+                    break
+                budget = min(budget, self.batch_prefill)
+            score = slot.job.params.score_prompt
+            size = min(budget, score_budget) if score else budget
+            size = min(size, len(slot.prompt) - slot.prompt_done)
+            if size <= 0:
+                continue
+            reads[slot.seq] = size
+            if score:
+                score_budget -= size
+            budget -= size
+        return reads
+
+    def _decode_and_sample(self, batch: Batch) -> None:
+        model = self.model
         status = model.decode(batch)
         if status != 0:
             raise RuntimeError(f"llama_decode returned {status}")

@@ -10,6 +10,8 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from .keys import MIN_KEY_LENGTH
 
 ENV_PREFIX = "GGUF_APPLIANCE_"
+# The KV cache's number types (llama.KV_TYPES has llama.cpp's numbers for them).
+KvCacheType = Literal["f16", "bf16", "f32", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0", "iq4_nl"]
 DEFAULT_ENV_FILE = Path("/etc/gguf-appliance/appliance.env")
 DEFAULT_MODEL = "bundled:smollm2-135m-instruct-q4_1"
 DEFAULT_MODELS_DIR = Path("/var/lib/gguf-appliance/models")
@@ -100,11 +102,22 @@ class Settings(BaseSettings):
         le=8192,
         description="Most prompt tokens evaluated in one decode step.",
     )
+    kv_cache_type: KvCacheType = Field(
+        "f16",
+        description=(
+            "Number type of the KV cache's keys and values (f16, bf16, f32, q8_0, q5_1, q5_0, "
+            "q4_1, q4_0 or iq4_nl): q8_0 takes about half f16's memory per slot; "
+            "docs/benchmarks.md measures each type's cost."
+        ),
+    )
     prefill_chunk: int = Field(
-        64,
+        256,
         ge=8,
         le=8192,
-        description="Most prompt tokens read per step while others stream (keeps them smooth).",
+        description=(
+            "Most prompt tokens read per step while others stream: fewer keep the streams "
+            "smoother, more read long prompts faster (docs/benchmarks.md)."
+        ),
     )
     reuse_prefix: bool = Field(
         True,
