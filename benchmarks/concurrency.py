@@ -14,81 +14,22 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
-
 from gguf_appliance.gguf_file import inspect_gguf
 from gguf_appliance.settings import DEFAULT_MODEL, physical_cores
 from gguf_appliance.sources import resolve_source
+from peers import Server, free_port, percentile  # this directory: the servers, side by side
 
 ROOT = Path(__file__).resolve().parents[1]
 TOPICS = ["a dragon", "the sea", "a robot", "a village", "the moon", "a cat", "a river", "a clock"]
 CONCURRENCY = (1, 2, 4, 8)
 N_CTX = 2048  # per stream
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@dataclass
-class Server:
-    name: str
-    command: list[str]
-    env: dict[str, str]
-    port: int
-    process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def __enter__(self) -> Server:
-        self.process = subprocess.Popen(
-            self.command,
-            env={**os.environ, **self.env},
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:  # both list the model only once it is loaded
-                models = httpx.get(self.url + "/v1/models", timeout=2)
-                if models.status_code == 200 and models.json()["data"]:
-                    return self
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        raise RuntimeError(f"{self.name} did not start")
-
-    def peak_rss_mb(self) -> float:
-        assert self.process is not None
-        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-        raise RuntimeError("no VmHWM")
-
-    def __exit__(self, *exc: object) -> None:
-        if self.process is None:
-            return
-        assert self.process is not None
-        self.process.terminate()
-        try:
-            self.process.wait(30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
 
 
 @dataclass
@@ -172,11 +113,6 @@ async def concurrent_round(url: str, streams: int, label: str) -> tuple[list[Str
     )
     wall = time.perf_counter() - started
     return [s for s, _ in results], wall
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 def measure_concurrency(

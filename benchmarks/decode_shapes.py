@@ -13,16 +13,12 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
 from gguf_appliance.llama import Batch, LlamaModel
 from gguf_appliance.settings import DEFAULT_MODEL, physical_cores
 from gguf_appliance.sources import resolve_source
-
-sys.path.insert(0, str(Path(__file__).parent))
-from peers import prompt as make_prompt
+from peers import prompt as make_prompt  # this directory
 
 ORDERS = ([0, 1, 2, 3], [0, 2, 4, 6], [0, 1, 2, 3, 4, 5, 6, 7], [7, 6, 5, 4, 3, 2, 1, 0])
 CHUNKS = (32, 64, 128, 256, 512)
