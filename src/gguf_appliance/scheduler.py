@@ -22,9 +22,14 @@ Two traffic classes share the slots. Waiting interactive jobs start first (FIFO 
 a batch job (`Job.batch`: a batch key's) starts only when no interactive job waits, and batch
 jobs together hold at most n_slots - 1 slots, so one is always free for the next interactive
 request (a batch request of more choices than that runs only when no other batch job does).
-Interactive prompts are read first, and batch prompts at most `batch_prefill` (16) tokens a
-step (none in a step that reads an interactive one): a step that a chat's first token waits for
-stays short, at some cost to a batch job of long prompts.
+Interactive requests come first within a step too, because a chat's first token waits for the
+step in flight and then for the step that reads its prompt:
+- a step that reads an interactive prompt reads no batch prompt and leaves the batch streams'
+  next tokens out (they wait one step);
+- while interactive requests are about (one held a slot in the last CHAT_RECENT seconds), batch
+  prompts are read at most BATCH_PREFILL (4) tokens a step, so every step stays short; with none
+  about, a chunk a step like any prompt;
+- a batch job takes a slot that holds an interactive request's cache only if no other is free.
 
 Log probabilities are computed only for requests that ask (`GenerationParams.logprobs`), from
 the logits of the step, on this thread. A request that scores its prompt asks llama.cpp for
@@ -56,8 +61,12 @@ log = logging.getLogger("gguf_appliance.scheduler")
 SCORE_ROWS = 64
 
 
-# Most batch prompt tokens read in a step: a chat's first token never waits for a long one.
-BATCH_PREFILL = 16
+# Most batch prompt tokens read in a step while interactive requests are about (one ran in the
+# last CHAT_RECENT seconds): a chat that comes waits for the step in flight, and a step of 4
+# prompt tokens and the streams' next tokens is short (about 45 ms here, 60 ms with 8 tokens).
+# With no interactive request about, batch prompts are read like any (`prefill_chunk`).
+BATCH_PREFILL = 4
+CHAT_RECENT = 10.0
 # Fewest cached prompt tokens that make a slot's cache worth taking over packing the busy slots
 # together: reading 32 tokens costs about as much as a few steps of an extra decode pass.
 REUSE_MIN = 32
@@ -81,6 +90,7 @@ class Slot:
     seq: int
     cache: list[int] = field(default_factory=list)  # the tokens in this sequence's KV range
     last_used: float = 0.0
+    batch_cache: bool = False  # its cache is a batch job's (else an interactive one's, or empty)
     job: Job | None = None
     choice: int = 0  # the job's choice this slot makes
     prompt: list[int] = field(default_factory=list)  # that choice's prompt
@@ -154,6 +164,7 @@ class SlotScheduler:
         self.slots = [Slot(seq=i) for i in range(config.n_slots)]
         self._stop = False
         self._outbox: list[tuple[Job, Event]] = []
+        self._chat_seen = float("-inf")  # when an interactive request last held a slot
         self._thread = threading.Thread(target=self._run, name="gguf-scheduler", daemon=True)
 
     # --- called from the event loop ---
@@ -183,12 +194,6 @@ class SlotScheduler:
     def batch_slots(self) -> int:
         """Most slots batch jobs hold together: all but one (the one, with a single slot)."""
         return max(1, len(self.slots) - 1)
-
-    @property
-    def batch_prefill(self) -> int:
-        """Most batch prompt tokens read in one step: BATCH_PREFILL, or fewer if a quarter of
-        prefill_chunk is fewer."""
-        return max(8, min(BATCH_PREFILL, self.config.prefill_chunk // 4))
 
     def _in_admission_order(self, new: Job | None = None) -> list[Job]:
         """The waiting jobs (and `new`, last of its class) in the order they start: the
@@ -317,22 +322,24 @@ class SlotScheduler:
             job.started = now
             choice = 0
             for prompt in job.prompts:
-                leader = self._pick(free, prompt)
+                leader = self._pick(free, prompt, job.batch)
                 free.remove(leader)
                 self._start(leader, job, prompt, choice, now)
                 for i in range(1, job.params.n):  # its siblings: a cache is of no use to them
-                    sibling = self._pick(free, [])
+                    sibling = self._pick(free, [], job.batch)
                     free.remove(sibling)
                     self._start(sibling, job, prompt, choice + i, now, leader=leader, offset=i)
                     leader.followers.append(sibling)
                 choice += job.params.n
 
-    def _pick(self, free: list[Slot], prompt: list[int]) -> Slot:
+    def _pick(self, free: list[Slot], prompt: list[int], batch: bool) -> Slot:
         """The free slot for a prompt: the one whose cache shares the longest start with it, if
         that saves reading at least REUSE_MIN tokens; else one that keeps the busy slots' sequence
         ids in as few runs as it can (llama.cpp decodes each run of consecutive ids in a pass of
         its own: see `_step`), and among those the one sharing the most with the prompt, then the
-        one unused the longest, so a recent conversation's cache survives the longest."""
+        one unused the longest, so a recent conversation's cache survives the longest. A batch job
+        takes a slot holding an interactive request's cache only if no other is free: a chat's
+        next turn finds its cache, however many batch rows went through meanwhile."""
         shared = {
             s.seq: common_prefix(s.cache, prompt) if self.config.reuse_prefix else 0 for s in free
         }
@@ -340,7 +347,15 @@ class SlotScheduler:
         if shared[best.seq] >= min(REUSE_MIN, len(prompt) - 1) > 0:
             return best
         busy = {s.seq for s in self.slots if s.job is not None}
-        return min(free, key=lambda s: (_runs(busy | {s.seq}), -shared[s.seq], s.last_used))
+        return min(
+            free,
+            key=lambda s: (
+                batch and bool(s.cache) and not s.batch_cache,
+                _runs(busy | {s.seq}),
+                -shared[s.seq],
+                s.last_used,
+            ),
+        )
 
     def _start(
         self,
@@ -360,6 +375,7 @@ class SlotScheduler:
             self.model.forget(slot.seq, 0)
         del slot.cache[keep:]
         slot.job = job
+        slot.batch_cache = job.batch
         slot.choice = choice
         slot.prompt = prompt
         slot.leader = leader
@@ -402,16 +418,23 @@ class SlotScheduler:
                 self._finish(slot, "timeout", now)
             elif not slot.prefilling:
                 generating += 1
-        reads = self._prompt_reads(generating)
+        reads = self._prompt_reads(generating, now)
         # The tokens go in in sequence order: with a KV cache per sequence, llama.cpp splits a
         # batch into passes over the weights, one for each run of consecutive sequence ids in
         # the batch's order (llama_batch_allocr::split_equal, sequential), so tokens of
         # sequences 0, 1, 2 and 3 in that order take one pass, and in any other order up to four.
+        # A step that reads an interactive prompt leaves the batch streams out: the chat's first
+        # token waits for one pass over its own tokens, not for theirs too.
+        chat_reads = any(
+            s.job is not None and not s.job.batch and s.seq in reads for s in self.slots
+        )
         for slot in self.slots:
             job = slot.job
             if job is None:
                 continue
             if not slot.prefilling:
+                if chat_reads and job.batch:
+                    continue
                 slot.batch_index = batch.add(slot.last_token, len(slot.cache), slot.seq, True)
                 slot.cache.append(slot.last_token)
                 continue
@@ -437,8 +460,11 @@ class SlotScheduler:
             return
         self._decode_and_sample(batch)
 
-    def _prompt_reads(self, generating: int) -> dict[int, int]:
+    def _prompt_reads(self, generating: int, now: float) -> dict[int, int]:
         """How many prompt tokens each prefilling slot reads this step (by sequence id)."""
+        if any(s.job is not None and not s.job.batch for s in self.slots):
+            self._chat_seen = now
+        near_chat = now - self._chat_seen < CHAT_RECENT
         budget = self.model.n_batch - generating
         if generating:
             budget = min(budget, self.config.prefill_chunk)
@@ -447,8 +473,9 @@ class SlotScheduler:
             (s for s in self.slots if s.prefilling),
             key=lambda s: (s.job is not None and s.job.batch, s.started),
         )
-        # A step that reads an interactive prompt reads no batch prompt, and batch prompts are
-        # read a quarter chunk a step: a chat's first token waits for few batch prompt tokens.
+        # A step that reads an interactive prompt reads no batch prompt, and with interactive
+        # requests about, batch prompts are read BATCH_PREFILL tokens a step: a chat's first
+        # token waits for few batch prompt tokens.
         chat_reads = any(s.job is not None and not s.job.batch for s in prefilling)
         reads: dict[int, int] = {}
         for slot in prefilling:
@@ -460,7 +487,9 @@ class SlotScheduler:
             if slot.job.batch:
                 if chat_reads:
                     break
-                budget = min(budget, self.batch_prefill)
+                # Alone, still at most a chunk: a chat after a quiet spell waits for one step.
+                chunk = BATCH_PREFILL if near_chat else self.config.prefill_chunk
+                budget = min(budget, chunk)
             score = slot.job.params.score_prompt
             size = min(budget, score_budget) if score else budget
             size = min(size, len(slot.prompt) - slot.prompt_done)
