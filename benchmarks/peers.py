@@ -247,12 +247,15 @@ def summarise(
                 "ttft_p95": percentile(s.ttft, 0.95),
                 "prompt_tokens": statistics.median(s.prompt_tokens) if s.prompt_tokens else None,
             }
-        if "gguf-appliance" in names and "llama-server" in names:
-            ours, theirs = samples["gguf-appliance", shape, n], samples["llama-server", shape, n]
-            row["ratio"] = statistics.median(
+        for name in names:
+            if not name.startswith("gguf-appliance") or "llama-server" not in names:
+                continue
+            ours, theirs = samples[name, shape, n], samples["llama-server", shape, n]
+            suffix = name[len("gguf-appliance") :]  # "" for the node as configured, or a variant
+            row["ratio" + suffix] = statistics.median(
                 a / b for a, b in zip(ours.aggregate, theirs.aggregate, strict=True)
             )
-            row["ttft_p50_ratio"] = statistics.median(
+            row["ttft_p50_ratio" + suffix] = statistics.median(
                 a / b for a, b in zip(ours.ttft_p50, theirs.ttft_p50, strict=True)
             )
         table[f"{shape} x{n}"] = row
@@ -276,6 +279,12 @@ def main() -> None:
     parser.add_argument(
         "--env", action="append", default=[], help="NAME=VALUE for gguf-appliance (a lever)"
     )
+    parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        help="NAME=VALUE[,NAME=VALUE]: one more gguf-appliance with these settings, side by side",
+    )
     parser.add_argument("--server-args", default="", help="extra llama-server arguments")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/peers.json")
     parser.add_argument("--logs", type=Path, help="a directory for the servers' logs")
@@ -290,11 +299,9 @@ def main() -> None:
     def log(name: str) -> Path | None:
         return args.logs / f"{name}.log" if args.logs else None
 
-    port = free_port()
-    ours = Server(
-        "gguf-appliance",
-        [sys.executable, "-m", "gguf_appliance.cli", "serve"],
-        {
+    def appliance(name: str, env: list[str]) -> Server:
+        port = free_port()
+        settings = {
             "GGUF_APPLIANCE_MODEL": str(model),
             "GGUF_APPLIANCE_THREADS": threads,
             "GGUF_APPLIANCE_N_CTX": str(N_CTX),
@@ -303,11 +310,13 @@ def main() -> None:
             "GGUF_APPLIANCE_LOG_LEVEL": "warning",
             "GGUF_APPLIANCE_QUEUE_SIZE": "64",
             "GGUF_APPLIANCE_PORT": str(port),
-            **dict(e.split("=", 1) for e in args.env),
-        },
-        port,
-        log=log("gguf-appliance"),
-    )
+            **dict(e.split("=", 1) for e in env),
+        }
+        command = [sys.executable, "-m", "gguf_appliance.cli", "serve"]
+        return Server(name, command, settings, port, log=log(name.replace(" ", "_")))
+
+    ours = appliance("gguf-appliance", args.env)
+    variants = [appliance(f"gguf-appliance {v}", [*args.env, *v.split(",")]) for v in args.variant]
     port = free_port()
     server = Server(
         "llama-server",
@@ -358,9 +367,10 @@ def main() -> None:
         port,
         log=log("llama_cpp.server"),
     )
-    servers = [ours, server, baseline]
+    servers = [ours, *variants, server, baseline]
     if args.only:
-        servers = [s for s in servers if s.name in args.only.split(",")]
+        wanted = args.only.split(",")
+        servers = [s for s in servers if s.name in wanted or s in variants]
     names = [s.name for s in servers]
     started = [s.__enter__() for s in servers]
     try:
@@ -403,7 +413,7 @@ def report(r: dict[str, Any], names: list[str]) -> str:
         "| --- | " + " | ".join("---:" for _ in names) + " | ---: | --- |",
     ]
     for load, row in r["loads"].items():
-        ratio = f"{row['ratio']:.2f}x" if "ratio" in row else ""
+        ratio = " / ".join(f"{v:.2f}x" for k, v in row.items() if k.startswith("ratio"))
         ttft = "; ".join(f"{row[n]['ttft_p50']:.2f} / {row[n]['ttft_p95']:.2f} s" for n in names)
         rates = " | ".join(f"{row[n]['aggregate_tps']:.1f}" for n in names)
         lines.append(f"| {load} | {rates} | {ratio} | {ttft} |")
