@@ -2,7 +2,10 @@
 
 It speaks the part of the Hub's protocol that huggingface_hub's downloads use: `resolve` URLs
 answered with a redirect to a "CDN" URL and the X-Repo-Commit / X-Linked-Etag / X-Linked-Size
-headers, `X-Error-Code` on errors, bearer tokens for private repositories, and Range requests.
+headers, `X-Error-Code` on errors, bearer tokens for private and gated repositories (as the Hub
+answers: a token it does not know is 401 "Invalid credentials"; a gated repository is 401
+GatedRepo without a token, 403 GatedRepo with one whose account has not been granted access),
+and Range requests.
 Beside it, plain URLs for the HTTPS source: files, a redirect, 403, HTML and a short body.
 No mock of huggingface_hub itself: the library's real code runs against this server.
 """
@@ -39,12 +42,15 @@ class Blob:
 class HubState:
     repos: dict[str, dict[str, Blob]] = field(default_factory=dict)  # repo id -> file -> blob
     private: set[str] = field(default_factory=set)
-    gated: set[str] = field(default_factory=set)  # 403 GatedRepo, token or not
+    gated: set[str] = field(default_factory=set)  # GatedRepo unless TOKEN was granted access
+    granted: set[str] = field(default_factory=set)  # gated repositories TOKEN's account may read
     blobs: dict[str, Blob] = field(default_factory=dict)  # sha256 or name -> blob
     cut_once_at: int | None = None  # the next full transfer breaks off after this many bytes
     corrupt_blobs: set[str] = field(default_factory=set)  # served with one byte flipped
     delay_per_chunk: float = 0.0
     requests: list[tuple[str, str, str | None]] = field(default_factory=list)
+    # The Authorization header of each resolve request (None: none), in order.
+    authorizations: list[str | None] = field(default_factory=list)
 
     def add_file(self, repo: str, filename: str, path: Path) -> Blob:
         digest = hashlib.sha256(path.read_bytes()).hexdigest()
@@ -69,13 +75,23 @@ def make_app(state: HubState) -> Starlette:
         await record(request)
         repo = f"{request.path_params['owner']}/{request.path_params['repo']}"
         files = state.repos.get(repo)
-        authorized = request.headers.get("authorization") == f"Bearer {TOKEN}"
+        authorization = request.headers.get("authorization")
+        state.authorizations.append(authorization)
+        authorized = authorization == f"Bearer {TOKEN}"
+        if authorization is not None and not authorized:
+            return PlainTextResponse(
+                "Invalid credentials in Authorization header",
+                status_code=401,
+                headers={"X-Error-Message": "Invalid credentials in Authorization header"},
+            )
         if files is None or (repo in state.private and not authorized):
             return _error(
                 401 if repo in state.private else 404, "RepoNotFound", "Repository not found"
             )
-        if repo in state.gated:
-            return _error(403, "GatedRepo", "Access to model is restricted")
+        if repo in state.gated and not authorized:
+            return _error(401, "GatedRepo", "Access to model is restricted: please log in")
+        if repo in state.gated and repo not in state.granted:
+            return _error(403, "GatedRepo", "Access to model is restricted, not in the list")
         if request.path_params["revision"] not in ("main", COMMIT):
             return _error(404, "RevisionNotFound", "Invalid rev id")
         blob = files.get(request.path_params["path"])

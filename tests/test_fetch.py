@@ -14,6 +14,7 @@ import gguf
 import httpx
 import pytest
 
+from gguf_appliance.cli import EXIT_TEMPORARY
 from gguf_appliance.downloads import download_url
 from gguf_appliance.errors import ModelError
 from gguf_appliance.progress import progress_class
@@ -60,6 +61,9 @@ def hub(model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     state.private.add("acme/private")
     state.add_file("acme/gated", "model.gguf", model_path)
     state.gated.add("acme/gated")
+    state.add_file("acme/licensed", "model.gguf", model_path)
+    state.gated.add("acme/licensed")
+    state.granted.add("acme/licensed")  # TOKEN's account accepted its licence
     for part in split_model(model_path, tmp_path_factory.mktemp("split")):
         state.add_file("acme/split", part.name, part)
     junk = tmp_path_factory.mktemp("junk") / "notes.gguf"
@@ -73,6 +77,7 @@ def hub(model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
 @pytest.fixture
 def env(hub: HubServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
     hub.state.requests.clear()
+    hub.state.authorizations.clear()
     hub.state.cut_once_at = None
     hub.state.corrupt_blobs.clear()
     hub.state.delay_per_chunk = 0.0
@@ -85,7 +90,14 @@ def env(hub: HubServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict
     }
     for key, value in values.items():
         monkeypatch.setenv(key, value)
-    monkeypatch.delenv("HF_TOKEN", raising=False)
+    for name in (
+        "HF_TOKEN",
+        "HUGGING_FACE_HUB_TOKEN",
+        "HF_TOKEN_PATH",
+        "CREDENTIALS_DIRECTORY",
+        "GGUF_APPLIANCE_OCI_HF_TOKEN_SECRET",
+    ):
+        monkeypatch.delenv(name, raising=False)
     return values
 
 
@@ -196,8 +208,11 @@ def test_hub_errors_are_one_line_and_leave_nothing(env: dict[str, str], tmp_path
         "hf://nobody/nothing/model.gguf": "repository nobody/nothing not found",
         "hf://acme/smol/missing.gguf": "file not found: missing.gguf in acme/smol",
         "hf://acme/smol/SmolLM2-135M-Instruct.Q4_1.gguf@nope": "revision nope not found",
-        "hf://acme/private/model.gguf": "HF_TOKEN is missing or lacks access",
-        "hf://acme/gated/model.gguf": "acme/gated is gated: accept its licence",
+        "hf://acme/private/model.gguf": (
+            "repository acme/private not found, or it is private, and no Hugging Face token was "
+            "given: give a token: HF_TOKEN, or a file named by HF_TOKEN_PATH"
+        ),
+        "hf://acme/gated/model.gguf": "acme/gated is gated, and no Hugging Face token was given",
         "hf://acme/junk/notes.gguf": "not a GGUF file",
     }
     for source, message in cases.items():
@@ -211,6 +226,106 @@ def test_hub_errors_are_one_line_and_leave_nothing(env: dict[str, str], tmp_path
 def test_private_repo_with_hf_token(env: dict[str, str]) -> None:
     result = cli({**env, "HF_TOKEN": TOKEN}, "hf://acme/private/model.gguf")
     assert result.returncode == 0, result.stderr
+
+
+VAULT_SECRET = "ocid1.vaultsecret.oc1..hftoken"
+
+
+def token_file(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    path.chmod(0o600)
+    return path
+
+
+def test_a_gated_model_comes_with_the_token_file_hf_token_path_names(
+    env: dict[str, str], hub: HubServer, tmp_path: Path
+) -> None:
+    source = "hf://acme/licensed/model.gguf"
+    line = one_line_error(cli(env, source))
+    assert "acme/licensed is gated, and no Hugging Face token was given" in line
+    assert "GGUF_APPLIANCE_OCI_HF_TOKEN_SECRET" in line and "HF_TOKEN_PATH" in line
+    assert hub.state.authorizations == [None]
+    # A file of blank lines (what the fetch unit gets when there is no token file) is no token.
+    blank = token_file(tmp_path / "blank", "\n")
+    line = one_line_error(cli({**env, "HF_TOKEN_PATH": str(blank)}, source))
+    assert "no Hugging Face token was given" in line
+
+    hub.state.authorizations.clear()
+    path = token_file(tmp_path / "hf-token", TOKEN + "\n")
+    result = cli({**env, "HF_TOKEN_PATH": str(path)}, source)
+    assert result.returncode == 0, result.stderr
+    assert set(hub.state.authorizations) == {f"Bearer {TOKEN}"}
+    assert TOKEN not in result.stdout + result.stderr
+
+
+def test_the_fetch_units_credential_is_named_when_the_hub_refuses_its_token(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    # As the fetch unit runs it: the token in its credentials directory (systemd's copy of
+    # /etc/gguf-appliance/hf-token), HF_TOKEN_PATH naming it, the Vault secret in the settings.
+    credentials = tmp_path / "credentials"
+    path = credentials / "hf-token"
+    unit = {
+        **env,
+        "CREDENTIALS_DIRECTORY": str(credentials),
+        "HF_TOKEN_PATH": str(path),
+        "GGUF_APPLIANCE_OCI_HF_TOKEN_SECRET": VAULT_SECRET,
+    }
+    named = (
+        f"the Hugging Face token from /etc/gguf-appliance/hf-token (the fetch unit's credential "
+        f"{path}, from the OCI Vault secret {VAULT_SECRET})"
+    )
+    wrong = "hf_not_a_token_the_hub_knows"
+    token_file(path, wrong + "\n")
+    result = cli(unit, "hf://acme/licensed/model.gguf")
+    line = one_line_error(result)
+    assert result.returncode == 1
+    assert f"the Hub refused {named} (HTTP 401): it is not a valid token" in line
+    assert wrong not in result.stdout + result.stderr
+
+    token_file(path, TOKEN + "\n")
+    result = cli(unit, "hf://acme/gated/model.gguf")  # a licence this account has not accepted
+    line = one_line_error(result)
+    assert result.returncode == 1
+    assert f"acme/gated is gated, and {named} has no access to it: accept acme/gated's" in line
+    assert TOKEN not in result.stdout + result.stderr
+    result = cli(unit, "hf://acme/licensed/model.gguf")
+    assert result.returncode == 0, result.stderr
+
+    # The Vault's secret is named but no token came (gguf-appliance-secrets failed): a failure
+    # that may pass (75), so the unit tries again, and starts the secrets unit again with it.
+    token_file(path, "\n")
+    result = cli(unit, "hf://acme/private/model.gguf")
+    line = one_line_error(result)
+    assert result.returncode == EXIT_TEMPORARY
+    assert (
+        f"no Hugging Face token reached the fetch, though GGUF_APPLIANCE_OCI_HF_TOKEN_SECRET "
+        f"names {VAULT_SECRET}: gguf-appliance-secrets writes it to /etc/gguf-appliance/hf-token "
+        f"(see journalctl -u gguf-appliance-secrets)"
+    ) in line
+
+
+def test_hf_token_in_the_environment_goes_before_the_token_file(
+    env: dict[str, str], hub: HubServer, tmp_path: Path
+) -> None:
+    # HF_TOKEN in /etc/gguf-appliance/appliance.env reaches the fetch as an environment variable
+    # (systemd reads the file): it still works, and huggingface_hub takes it before the file.
+    stale = token_file(tmp_path / "hf-token", "hf_stale_token_in_the_file\n")
+    both = {**env, "HF_TOKEN": TOKEN, "HF_TOKEN_PATH": str(stale)}
+    result = cli(both, "hf://acme/licensed/model.gguf")
+    assert result.returncode == 0, result.stderr
+    assert set(hub.state.authorizations) == {f"Bearer {TOKEN}"}
+    line = one_line_error(cli({**both, "HF_TOKEN": "hf_wrong"}, "hf://acme/private/model.gguf"))
+    assert "the Hub refused the Hugging Face token from HF_TOKEN (HTTP 401)" in line
+
+
+def test_a_token_file_that_cannot_be_read_is_named(env: dict[str, str], tmp_path: Path) -> None:
+    # Not huggingface_hub's PermissionError, which would read as a cache that cannot be written.
+    directory = tmp_path / "not-a-file"
+    directory.mkdir()
+    line = one_line_error(cli({**env, "HF_TOKEN_PATH": str(directory)}, "hf://acme/smol/x.gguf"))
+    assert f"cannot read the Hugging Face token file {directory} (HF_TOKEN_PATH)" in line
 
 
 def test_hub_corrupt_transfer_fails_the_hubs_checksum(

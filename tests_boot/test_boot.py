@@ -18,6 +18,7 @@ would talk to whatever holds them.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import http.server
 import json
@@ -36,6 +37,11 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
+from tests import oci_stand_in
+from tests.conftest import free_port
+from tests.hub_server import TOKEN as HUB_TOKEN
+from tests.hub_server import HubServer, HubState
+from tests.oci_stand_in import Received, StandIn
 
 from gguf_appliance.settings import DEFAULT_MODEL
 from gguf_appliance.sources import resolve_source
@@ -437,6 +443,166 @@ def test_keys_reload_under_systemd_and_never_open_the_api(node: Machine) -> None
         node.init_pid, "nsenter", "-t", pid, "-m", "--", "touch", "/var/lib/gguf-appliance/probe"
     )
     assert probe.returncode != 0 and "Read-only file system" in probe.stderr, probe.stderr
+
+
+VAULT_SECRET = "ocid1.vaultsecret.oc1..boottesthftoken"
+# Settings for the secrets and fetch units during the token test: runtime drop-ins name this file
+# (after appliance.env, so it wins), and all of it goes with the next boot.
+TEST_ENV = "/run/gguf-appliance-boot-test.env"
+GATED_MODELS = "/var/lib/gguf-appliance/boot-test-gated"
+FETCH_CREDENTIAL = "/run/credentials/gguf-appliance-fetch.service/hf-token"
+
+
+def vault_answer(request: Received) -> tuple[int, object]:
+    """The Vault's GetSecretBundle, as tests/test_oci_secrets.py stands it in: one secret."""
+    if request.path.split("?")[0].rsplit("/", 1)[-1] != VAULT_SECRET:
+        return 404, {"code": "NotAuthorizedOrNotFound", "message": "no such secret"}
+    return 200, {
+        "secretId": VAULT_SECRET,
+        "versionNumber": 1,
+        "stages": ["CURRENT", "LATEST"],
+        "secretBundleContent": {
+            "contentType": "BASE64",
+            "content": base64.b64encode(HUB_TOKEN.encode()).decode(),
+        },
+    }
+
+
+def test_the_hf_token_goes_from_the_vault_to_the_fetch_unit_alone(
+    node: Machine, model_server: ModelServer
+) -> None:
+    """The token's whole way under systemd: gguf-appliance-secrets reads it from a Vault (a
+    stand-in on this host, signed with an OCI config file: instance principals cannot be stood
+    in) into /etc/gguf-appliance/hf-token; the fetch unit gets it as its credential and fetches
+    a gated model from a Hub stand-in on this host; the node cannot read it; no log holds it.
+    Without a token file the fetch unit still starts (no 243/CREDENTIALS) and says what is
+    missing. The fetch runs with its shipped unit; a drop-in only names the gated model."""
+    wait_for(lambda: httpx.get(READY_URL, timeout=5).status_code == 200, 120, "node not ready")
+    hub_state = HubState()
+    hub_state.add_file("acme/gated", "model.gguf", model_server.model)  # the same file, sha256
+    hub_state.gated.add("acme/gated")
+    hub_state.granted.add("acme/gated")
+    hub = HubServer(hub_state, free_port()).start()
+    # The Hub stand-in sends downloads to its "CDN", http://localhost:PORT (another host name, as
+    # on the real Hub); debootstrap's minimal root has no /etc/hosts to resolve it (a cloud
+    # image has one).
+    hosts = node.root / "etc/hosts"
+    made_hosts = not hosts.exists()
+    if made_hosts:
+        hosts.write_text("127.0.0.1 localhost\n::1 localhost\n")
+    oci_dir = node.root / "etc/gguf-appliance/boot-test-oci"
+    oci_dir.mkdir(mode=0o700, exist_ok=True)
+    config, _ = oci_stand_in.throwaway_oci_config(oci_dir)
+    config.write_text(config.read_text().replace(str(node.root), ""))  # paths as the node sees
+
+    def sh(script: str) -> subprocess.CompletedProcess[str]:
+        return in_container(node.init_pid, "sh", "-euc", script)
+
+    def settings(stand_in: StandIn, *, vault: bool) -> None:
+        lines = [
+            "GGUF_APPLIANCE_OCI_AUTH=config_file",
+            f"GGUF_APPLIANCE_OCI_CONFIG_FILE=/{config.relative_to(node.root)}",
+            f"GGUF_APPLIANCE_OCI_SECRETS_ENDPOINT={stand_in.url}",
+            f"HF_ENDPOINT={hub.url}",
+        ] + ([f"GGUF_APPLIANCE_OCI_HF_TOKEN_SECRET={VAULT_SECRET}"] if vault else [])
+        written = sh(f"umask 077; printf '%s\\n' {' '.join(lines)} > {TEST_ENV}")
+        assert written.returncode == 0, written.stderr
+
+    def show(unit: str) -> dict[str, str]:
+        shown = in_container(
+            node.init_pid, "systemctl", "show", "-p", "Result", "-p", "ExecMainStatus", unit
+        ).stdout
+        return dict(line.split("=", 1) for line in shown.splitlines())
+
+    def journal(unit: str) -> str:
+        return in_container(node.init_pid, "journalctl", "-b", "-u", unit, "--no-pager").stdout
+
+    bin_dir = "/opt/gguf-appliance/bin"
+    drop_ins = sh(
+        "for unit in gguf-appliance-secrets gguf-appliance-fetch; do"
+        "  mkdir -p /run/systemd/system/$unit.service.d;"
+        f"  printf '[Service]\\nEnvironmentFile={TEST_ENV}\\n'"
+        "    > /run/systemd/system/$unit.service.d/boot-test.conf;"
+        "done;"
+        f"printf '[Service]\\nEnvironment=GGUF_APPLIANCE_MODELS_DIR={GATED_MODELS}\\n"
+        f"ExecStart=\\nExecStart={bin_dir}/gguf-appliance fetch hf://acme/gated/model.gguf\\n'"
+        "  >> /run/systemd/system/gguf-appliance-fetch.service.d/boot-test.conf;"
+        "systemctl daemon-reload"
+    )
+    assert drop_ins.returncode == 0, drop_ins.stderr
+    try:
+        with oci_stand_in.running(vault_answer) as stand_in:
+            # No secret named, no token file: the unit starts (no 243/CREDENTIALS), the Hub
+            # refuses the gated file, and the message says where a token would come from. (The
+            # node, which requires the fetch, goes down with it.)
+            settings(stand_in, vault=False)
+            assert not (node.root / "etc/gguf-appliance/hf-token").exists()
+            assert sh("systemctl restart gguf-appliance-fetch.service").returncode != 0
+            assert show("gguf-appliance-fetch.service") == {
+                "Result": "exit-code",
+                "ExecMainStatus": "1",
+            }
+            assert "acme/gated is gated, and no Hugging Face token was given" in journal(
+                "gguf-appliance-fetch.service"
+            )
+            assert hub_state.authorizations == [None]
+            assert stand_in.requests() == []
+
+            # The Vault's secret named: the fetch unit asks for the secrets unit, which writes
+            # the token file; the fetch reads it as its credential, and the Hub gets it.
+            hub_state.authorizations.clear()
+            settings(stand_in, vault=True)
+            fetched = sh(
+                "systemctl restart gguf-appliance-fetch.service; "
+                "systemctl start gguf-appliance.service"
+            )
+            assert fetched.returncode == 0, fetched.stderr + journal("gguf-appliance-fetch")
+            assert len(stand_in.requests()) >= 1
+            token_file = node.root / "etc/gguf-appliance/hf-token"
+            assert token_file.read_text() == HUB_TOKEN + "\n"
+            assert (token_file.stat().st_mode & 0o777, token_file.stat().st_uid) == (0o600, 0)
+            assert hub_state.authorizations and set(hub_state.authorizations) == {
+                f"Bearer {HUB_TOKEN}"
+            }
+            found = sh("find /var/lib/private/gguf-appliance/boot-test-gated -name model.gguf")
+            assert found.stdout.strip(), found.stderr
+
+        # The credential stays while the fetch unit stays active, and the node runs as its user:
+        # systemd makes /run/credentials inaccessible in the node's mount namespace.
+        wait_for(lambda: httpx.get(READY_URL, timeout=5).status_code == 200, 120, "node down")
+        assert sh(f"cat {FETCH_CREDENTIAL}").stdout == HUB_TOKEN + "\n"
+        pid = in_container(
+            node.init_pid, "systemctl", "show", "-p", "MainPID", "--value", "gguf-appliance"
+        ).stdout.strip()
+        peek = in_container(
+            node.init_pid, "nsenter", "-t", pid, "-m", "--", "cat", FETCH_CREDENTIAL
+        )
+        assert peek.returncode != 0 and HUB_TOKEN not in peek.stdout, peek
+        environ = sh(f"cat /proc/{pid}/environ").stdout
+        # Neither an environment nor a log holds it: the node's, the units' settings, the journal.
+        assert HUB_TOKEN not in environ
+        for unit in ("gguf-appliance-fetch", "gguf-appliance-secrets", "gguf-appliance"):
+            shown = in_container(node.init_pid, "systemctl", "show", unit).stdout
+            assert HUB_TOKEN not in shown, unit
+        everything = in_container(node.init_pid, "journalctl", "-b", "-o", "json", "--no-pager")
+        assert everything.stdout and HUB_TOKEN not in everything.stdout
+    finally:
+        hub.stop()
+        if made_hosts:
+            hosts.unlink()
+        cleaned = sh(
+            "rm -rf /run/systemd/system/gguf-appliance-secrets.service.d "
+            "/run/systemd/system/gguf-appliance-fetch.service.d "
+            f"{TEST_ENV} /etc/gguf-appliance/hf-token /etc/gguf-appliance/boot-test-oci "
+            "/var/lib/private/gguf-appliance/boot-test-gated; "
+            "systemctl daemon-reload; "
+            "systemctl restart gguf-appliance-fetch.service; "
+            "systemctl start gguf-appliance.service"
+        )
+        assert cleaned.returncode == 0, cleaned.stderr
+    # Back as it was, for the bake: the model in place, the fetch's credential a blank line.
+    wait_for(lambda: httpx.get(READY_URL, timeout=5).status_code == 200, 120, "node not back")
+    assert sh(f"cat {FETCH_CREDENTIAL}").stdout == "\n"
 
 
 def model_files(root: Path) -> dict[str, tuple[int, int, int]]:

@@ -80,6 +80,7 @@ def cmd_fetch(args: argparse.Namespace) -> int:
         settings.models_dir,
         sha256=settings.model_sha256,
         progress_interval=settings.progress_interval,
+        hf_token_secret=settings.oci_hf_token_secret,
     )
     print(info.path)
     if args.source is None and settings.embedding_model:
@@ -90,6 +91,7 @@ def cmd_fetch(args: argparse.Namespace) -> int:
             settings.models_dir,
             sha256=settings.embedding_model_sha256,
             progress_interval=settings.progress_interval,
+            hf_token_secret=settings.oci_hf_token_secret,
         )
         print(embedding.path)
     return 0

@@ -190,13 +190,79 @@ def download_url(url: str, part: Path, progress: type[Tqdm[Any]], *, https_only:
             bar.close()
 
 
+# Where `gguf-appliance install`'s fetch unit finds the token: systemd copies this root-only file
+# (gguf-appliance-secrets writes it from an OCI Vault secret) into the unit's credentials.
+HF_TOKEN_FILE = "/etc/gguf-appliance/hf-token"
+_NO_TOKEN = (
+    "give a token: HF_TOKEN, or a file named by HF_TOKEN_PATH; on a node, the OCI Vault secret "
+    f"GGUF_APPLIANCE_OCI_HF_TOKEN_SECRET names (written to {HF_TOKEN_FILE}, which the fetch unit "
+    "reads), the file itself, or HF_TOKEN in /etc/gguf-appliance/appliance.env"
+)
+
+
+def hub_token_source(vault_secret: str | None = None) -> str | None:
+    """Where huggingface_hub takes its token from, as a message names it (never the token);
+    None when it has none. Its order: HF_TOKEN (or HUGGING_FACE_HUB_TOKEN), then the file at
+    HF_TOKEN_PATH; a file holding only blank lines is no token (the fetch unit's stand-in when
+    there is no token file). A token file that cannot be read is a ModelError, not the
+    "cannot write the cache" that huggingface_hub's PermissionError would otherwise become."""
+    from huggingface_hub import constants
+
+    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
+        if os.environ.get(name):
+            if os.environ[name].strip():
+                return name
+            break  # huggingface_hub takes the first one set, even if blank
+    path = Path(constants.HF_TOKEN_PATH)
+    try:
+        if not path.read_text().strip():
+            return None
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not text"
+        raise ModelError(
+            f"cannot read the Hugging Face token file {path} (HF_TOKEN_PATH): {reason}"
+        ) from None
+    credentials = os.environ.get("CREDENTIALS_DIRECTORY")
+    if credentials and path.parent == Path(credentials):
+        vault = f", from the OCI Vault secret {vault_secret}" if vault_secret else ""
+        return f"{HF_TOKEN_FILE} (the fetch unit's credential {path}{vault})"
+    return f"{path} (HF_TOKEN_PATH)"
+
+
+def _token_refused(repo_id: str, what: str, source: str | None, vault_secret: str | None) -> str:
+    """The end of a message for a repository the Hub keeps from us, naming the token's source."""
+    if source is not None:
+        return (
+            f"{what}, and the Hugging Face token from {source} has no access to it: accept "
+            f"{repo_id}'s licence on the Hub with the token's account, or give another token"
+        )
+    if vault_secret:
+        return (
+            f"{what}, and no Hugging Face token reached the fetch, though "
+            f"GGUF_APPLIANCE_OCI_HF_TOKEN_SECRET names {vault_secret}: gguf-appliance-secrets "
+            f"writes it to {HF_TOKEN_FILE} (see journalctl -u gguf-appliance-secrets)"
+        )
+    return f"{what}, and no Hugging Face token was given: {_NO_TOKEN}"
+
+
 def download_from_hub(
-    repo_id: str, filename: str, revision: str | None, cache_dir: Path, progress: type[Tqdm[Any]]
+    repo_id: str,
+    filename: str,
+    revision: str | None,
+    cache_dir: Path,
+    progress: type[Tqdm[Any]],
+    *,
+    vault_secret: str | None = None,
 ) -> tuple[Path, str | None]:
-    """A file of a Hugging Face repository through huggingface_hub (HF_ENDPOINT, HF_TOKEN).
+    """A file of a Hugging Face repository through huggingface_hub (HF_ENDPOINT, HF_TOKEN or
+    HF_TOKEN_PATH).
 
     Returns the file in huggingface_hub's cache and the sha256 the Hub states for it (the ETag
-    of LFS files), or None when the Hub gives none.
+    of LFS files), or None when the Hub gives none. `vault_secret` (the setting
+    OCI_HF_TOKEN_SECRET) only shapes the messages: a repository refused while that secret is
+    named and no token reached us is a FetchUnavailable (the Vault may answer the next time).
     """
     from huggingface_hub import constants, get_hf_file_metadata, hf_hub_download, hf_hub_url
     from huggingface_hub import errors as hf
@@ -204,6 +270,10 @@ def download_from_hub(
     endpoint = os.environ.get("HF_ENDPOINT") or constants.ENDPOINT
     shown_endpoint = redact_source(endpoint)
     where = f"{filename} in {repo_id}" + (f" at {revision}" if revision else "")
+    token = hub_token_source(vault_secret)
+    # No token though the Vault should have given one: the secrets unit failed (the Vault was
+    # down, say); the fetch unit's retry starts it again.
+    refused = FetchUnavailable if token is None and vault_secret else ModelError
     try:
         url = hf_hub_url(repo_id, filename, revision=revision, endpoint=endpoint)
         metadata = get_hf_file_metadata(url)
@@ -216,20 +286,24 @@ def download_from_hub(
             tqdm_class=progress,
         )
     except hf.GatedRepoError:
-        raise ModelError(
-            f"{repo_id} is gated: accept its licence on the Hub and set HF_TOKEN"
-        ) from None
+        raise refused(_token_refused(repo_id, f"{repo_id} is gated", token, vault_secret)) from None
     except hf.RepositoryNotFoundError:
-        raise ModelError(
-            f"repository {repo_id} not found, or it is private and HF_TOKEN is missing or "
-            f"lacks access"
-        ) from None
+        what = f"repository {repo_id} not found, or it is private"
+        raise refused(_token_refused(repo_id, what, token, vault_secret)) from None
     except hf.RevisionNotFoundError:
         raise ModelError(f"revision {revision} not found in {repo_id}") from None
     except hf.EntryNotFoundError:
         raise ModelError(f"file not found: {where}") from None
     except hf.HfHubHTTPError as exc:
         status = exc.response.status_code if exc.response is not None else 0
+        if status == 401 and token is not None:
+            raise ModelError(
+                f"the Hub refused the Hugging Face token from {token} (HTTP 401): it is not a "
+                f"valid token, or it was revoked"
+            ) from None
+        if status in (401, 403):
+            what = f"the Hub answered HTTP {status} for {where}"
+            raise refused(_token_refused(repo_id, what, token, vault_secret)) from None
         error = FetchUnavailable if status in (0, 408, 429) or status >= 500 else ModelError
         raise error(f"the Hub answered HTTP {status or '?'} for {where}") from None
     except OSError as exc:

@@ -274,13 +274,15 @@ def fetch_model(
     *,
     sha256: str | None = None,
     progress_interval: float = 10.0,
+    hf_token_secret: str | None = None,
 ) -> GGUFInfo:
     """Make the model available locally, verified; return what its file holds.
 
     Local and bundled files are only verified. Remote files are downloaded next to their place,
     verified (complete GGUF; sha256 when given, or the Hub's own sha256 of the file) and only
     then moved into place. Concurrent fetches of one model wait for each other; a model already
-    fetched and verified is not fetched again.
+    fetched and verified is not fetched again. `hf_token_secret` (the OCI Vault secret meant to
+    give the Hugging Face token) is named in the Hub's refusals (downloads.download_from_hub).
     """
     sha256 = sha256.lower() if sha256 else None
     source = parse_source(uri)
@@ -312,12 +314,17 @@ def fetch_model(
             if _verified_before(part, sha256):
                 infos.append(inspect_gguf(part))
                 continue
-            infos.append(_fetch_one(source, part, sha256, progress, models_dir))
+            infos.append(_fetch_one(source, part, sha256, progress, models_dir, hf_token_secret))
         return _combined(infos)
 
 
 def _fetch_one(
-    source: Source, dest: Path, sha256: str | None, progress: type, models_dir: Path
+    source: Source,
+    dest: Path,
+    sha256: str | None,
+    progress: type,
+    models_dir: Path,
+    hf_token_secret: str | None = None,
 ) -> GGUFInfo:
     staged = dest.with_name(dest.name + ".part")
     if source.kind == "url":
@@ -331,7 +338,12 @@ def _fetch_one(
     else:
         filename = str(Path(source.filename).with_name(dest.name))
         cached, hub_sha = download_from_hub(
-            source.location, filename, source.revision, models_dir / ".hf-cache", progress
+            source.location,
+            filename,
+            source.revision,
+            models_dir / ".hf-cache",
+            progress,
+            vault_secret=hf_token_secret,
         )
         expected = sha256 or hub_sha
         try:
