@@ -174,7 +174,8 @@ llama-server: $(LLAMA_SERVER)
 
 bench: install $(BASELINE)/bin/python $(LLAMA_SERVER)
 	$(BIN)/python benchmarks/single_stream.py
-	$(BIN)/python benchmarks/concurrency.py --baseline-python $(BASELINE)/bin/python \
+	$(BIN)/python benchmarks/concurrency.py --baseline-python $(BASELINE)/bin/python
+	$(BIN)/python benchmarks/peers.py --rounds 3 --baseline-python $(BASELINE)/bin/python \
 		--llama-server $(LLAMA_SERVER)
 
 # Five minutes of mixed clients against one node; the checks and figures: docs/limits-and-logs.md.
