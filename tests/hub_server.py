@@ -48,6 +48,10 @@ class HubState:
     cut_once_at: int | None = None  # the next full transfer breaks off after this many bytes
     corrupt_blobs: set[str] = field(default_factory=set)  # served with one byte flipped
     delay_per_chunk: float = 0.0
+    # The next this many requests (any route) are answered with fail_status, as a Hub or an
+    # Object Storage having a bad minute.
+    fail_next: int = 0
+    fail_status: int = 503
     requests: list[tuple[str, str, str | None]] = field(default_factory=list)
     # The Authorization header of each resolve request (None: none), in order.
     authorizations: list[str | None] = field(default_factory=list)
@@ -71,8 +75,16 @@ def make_app(state: HubState) -> Starlette:
     async def record(request: Request) -> None:
         state.requests.append((request.method, request.url.path, request.headers.get("range")))
 
+    def failing() -> Response | None:
+        if state.fail_next <= 0:
+            return None
+        state.fail_next -= 1
+        return PlainTextResponse("try again later", status_code=state.fail_status)
+
     async def resolve(request: Request) -> Response:
         await record(request)
+        if (failure := failing()) is not None:
+            return failure
         repo = f"{request.path_params['owner']}/{request.path_params['repo']}"
         files = state.repos.get(repo)
         authorization = request.headers.get("authorization")
@@ -160,11 +172,15 @@ def make_app(state: HubState) -> Starlette:
 
     async def cdn(request: Request) -> Response:
         await record(request)
+        if (failure := failing()) is not None:
+            return failure
         sha = request.path_params["sha"]
         return serve_blob(request, state.blobs[sha], sha)
 
     async def files(request: Request) -> Response:
         await record(request)
+        if (failure := failing()) is not None:
+            return failure
         blob = state.blobs.get(request.path_params["name"])
         if blob is None:
             return PlainTextResponse("no such object", status_code=404)

@@ -81,6 +81,8 @@ def env(hub: HubServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict
     hub.state.cut_once_at = None
     hub.state.corrupt_blobs.clear()
     hub.state.delay_per_chunk = 0.0
+    hub.state.fail_next = 0
+    hub.state.fail_status = 503
     values = {
         "HF_ENDPOINT": hub.url,
         "HF_HOME": str(tmp_path / "hf-home"),
@@ -304,6 +306,12 @@ def test_the_fetch_units_credential_is_named_when_the_hub_refuses_its_token(
         f"names {VAULT_SECRET}: gguf-appliance-secrets writes it to /etc/gguf-appliance/hf-token "
         f"(see journalctl -u gguf-appliance-secrets)"
     ) in line
+    # Trying again within the same run cannot bring the token (it comes with the unit's start):
+    # --retry-for exits 75 at once, without a retry.
+    result = cli(unit, "hf://acme/private/model.gguf", *QUICK_RETRIES)
+    assert result.returncode == EXIT_TEMPORARY
+    assert "no Hugging Face token reached the fetch" in one_line_error(result)
+    assert RETRY_LOGGED not in result.stderr
 
 
 def test_hf_token_in_the_environment_goes_before_the_token_file(
@@ -601,3 +609,96 @@ def test_health_ready_shows_a_failed_fetch_without_the_urls_secrets(
         assert not [secret for secret in SECRETS if secret in shown], shown
     finally:
         node.stop()
+
+
+# --- retries within one run (`fetch --retry-for`, as the fetch unit runs it) ---
+
+# Short waits for the tests; the unit's are 5 s doubling to 5 min.
+QUICK_RETRIES = ("--retry-for", "120", "--retry-delay", "0.05", "--retry-max-delay", "0.2")
+RETRY_LOGGED = "giving up"  # in each retry's log line
+
+
+def retries_logged(result: subprocess.CompletedProcess[str]) -> list[str]:
+    return [line for line in result.stderr.splitlines() if RETRY_LOGGED in line]
+
+
+def test_a_hub_failing_for_a_while_is_tried_again_within_one_run(
+    env: dict[str, str], hub: HubServer, model_path: Path
+) -> None:
+    hub.state.fail_next = 3
+    result = cli(env, "hf://acme/smol/SmolLM2-135M-Instruct.Q4_1.gguf", *QUICK_RETRIES)
+    assert result.returncode == 0, result.stderr
+    assert hub.state.fail_next == 0
+    logged = retries_logged(result)
+    assert len(logged) == 3, result.stderr
+    assert all("the Hub answered HTTP 503" in line for line in logged), logged
+    assert sha256_of(Path(result.stdout.split()[0])) == sha256_of(model_path)
+    assert "Traceback" not in result.stderr
+
+
+def test_without_retry_for_a_503_exits_75_at_once(env: dict[str, str], hub: HubServer) -> None:
+    hub.state.fail_next = 1
+    result = cli(env, "hf://acme/smol/SmolLM2-135M-Instruct.Q4_1.gguf")
+    assert result.returncode == EXIT_TEMPORARY
+    assert "the Hub answered HTTP 503" in one_line_error(result)
+    assert retries_logged(result) == []
+
+
+def test_a_retry_resumes_the_part_already_downloaded(
+    env: dict[str, str], hub: HubServer, model_path: Path
+) -> None:
+    # A transfer cut off (the client's own resumes used up: a server that then answers 503 for a
+    # while) leaves its .part; the next try within the run asks for the rest only, as a new start
+    # of the unit would.
+    models = Path(env["GGUF_APPLIANCE_MODELS_DIR"])
+    url = f"{hub.url}/files/{model_path.name}"
+    dest = resolve_source(url, models)
+    dest.parent.mkdir(parents=True)
+    half = model_path.stat().st_size // 2
+    dest.with_name(dest.name + ".part").write_bytes(model_path.read_bytes()[:half])
+    hub.state.fail_next = 2
+    result = cli(env, url, "--sha256", sha256_of(model_path), *QUICK_RETRIES)
+    assert result.returncode == 0, result.stderr
+    assert len(retries_logged(result)) == 2, result.stderr
+    assert [r for _, _, r in hub.state.requests] == [f"bytes={half}-"] * 3
+    assert sha256_of(dest) == sha256_of(model_path)
+    assert not dest.with_name(dest.name + ".part").exists()
+
+
+def test_what_will_not_pass_is_not_tried_again(
+    env: dict[str, str], hub: HubServer, model_path: Path
+) -> None:
+    # With waits of 30 s, any retry would show as a run that takes 30 s; these take none.
+    slow = ("--retry-for", "600", "--retry-delay", "30", "--retry-max-delay", "30")
+    cases = [
+        (("hf://acme/smol/absent.gguf",), "file not found"),
+        ((f"{hub.url}/files/absent.gguf", "--sha256", "0" * 64), "not found (HTTP 404)"),
+        ((f"{hub.url}/files/{model_path.name}", "--sha256", "0" * 64), "checksum mismatch"),
+        ((f"{hub.url}/forbidden/model.gguf", "--sha256", "0" * 64), "access denied (HTTP 403)"),
+    ]
+    for args, message in cases:
+        hub.state.requests.clear()
+        result = cli(env, *args, *slow)
+        assert result.returncode == 1, (args, result.stderr)
+        assert message in one_line_error(result), args
+        assert retries_logged(result) == [], args
+        # One try: the Hub's HEAD and GET of one resolve, or one GET of a file.
+        assert len({path for _, path, _ in hub.state.requests}) == 1, hub.state.requests
+    assert leftovers(Path(env["GGUF_APPLIANCE_MODELS_DIR"])) == []
+
+
+def test_the_retries_end_at_their_deadline_with_75(env: dict[str, str], hub: HubServer) -> None:
+    hub.state.fail_next = 10_000
+    result = cli(
+        env,
+        "hf://acme/smol/SmolLM2-135M-Instruct.Q4_1.gguf",
+        "--retry-for",
+        "1",
+        "--retry-delay",
+        "0.05",
+        "--retry-max-delay",
+        "0.2",
+    )
+    assert result.returncode == EXIT_TEMPORARY
+    assert "the Hub answered HTTP 503" in one_line_error(result)
+    assert len(retries_logged(result)) >= 2, result.stderr

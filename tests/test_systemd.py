@@ -305,7 +305,10 @@ def test_the_reach_check_reads_allow_over_deny() -> None:
     ],
 )
 def test_each_command_that_goes_out_runs_in_one_unit_only(command: str, unit: str) -> None:
-    running = [u for u in UNITS if any(c.endswith(command) for c in commands(u))]
+    # The command alone or with options (the fetch's --retry-for).
+    running = [
+        u for u in UNITS if any(c.endswith(command) or f"{command} --" in c for c in commands(u))
+    ]
     assert running == [unit]
 
 
@@ -427,3 +430,26 @@ def test_systemd_reads_every_unit_without_a_warning(tmp_path: Path) -> None:
         cwd=tmp_path,
     )
     assert result.returncode == 0 and result.stdout + result.stderr == "", result.stderr
+
+
+# --- transient fetch failures at boot ---
+
+
+def test_the_fetch_unit_retries_within_one_start_before_its_timeout() -> None:
+    # A failure that may pass is tried again inside the start (`fetch --retry-for`), so the node's
+    # start job, which waits for this one, does not fail with the fetch's first try ("Dependency
+    # failed", and nothing starts the node when systemd's restart of the fetch succeeds).
+    fetch = unit_directives("gguf-appliance-fetch.service")
+    (exec_start,) = fetch["ExecStart"]
+    command = exec_start.split()
+    assert command[:2] == ["@BIN@/gguf-appliance", "fetch"]
+    retry_for = int(command[command.index("--retry-for") + 1])
+    assert fetch["TimeoutStartSec"] == ["3h"]
+    # At least an hour of tries; and an hour of the start's timeout left for the download.
+    assert 3600 <= retry_for <= 3 * 3600 - 3600
+    # Restart stays for what one start cannot mend (the Vault's token, or 2 h of failures); never
+    # for what will not pass.
+    assert fetch["Restart"] == ["on-failure"]
+    assert fetch["RestartPreventExitStatus"] == ["1 2"]
+    node = unit_directives("gguf-appliance.service")
+    assert "gguf-appliance-fetch.service" in " ".join(node["Requires"] + node["After"])

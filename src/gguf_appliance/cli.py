@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import random
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import ValidationError
 
@@ -19,6 +22,48 @@ from .settings import ENV_PREFIX, Settings, load_settings
 # sysexits' EX_TEMPFAIL: a fetch that may work later (the network, a server's 5xx). Every other
 # failure exits 1 or 2, which the fetch unit does not retry: a wrong checksum stays wrong.
 EXIT_TEMPORARY = 75
+
+T = TypeVar("T")
+log = logging.getLogger("gguf_appliance.cli")
+
+
+def retrying(
+    what: str,
+    attempt: Callable[[], T],
+    may_pass: Callable[[BaseException], bool],
+    *,
+    retry_for: float,
+    first_delay: float,
+    max_delay: float,
+) -> T:
+    """`attempt()`, tried again while it raises what `may_pass` and `retry_for` seconds have not
+    passed since the first try: waits double from `first_delay` up to `max_delay`, each a random
+    50-100% of that (nodes booting together do not come back in step), never past the deadline.
+    The last failure is raised as it is. Each retry is logged with the failure's own message
+    (ours are one line with any URL redacted; never a token)."""
+    deadline = time.monotonic() + retry_for
+    failures = 0
+    while True:
+        try:
+            return attempt()
+        except Exception as exc:
+            left = deadline - time.monotonic()
+            if not may_pass(exc) or left <= 0:
+                raise
+            failures += 1
+            delay = min(max_delay, first_delay * 2 ** (failures - 1)) * random.uniform(0.5, 1.0)
+            delay = min(delay, left)
+            reason = getattr(exc, "message", None) or str(exc)
+            log.warning(
+                "%s failed (%s); try %d in %.1f s, giving up %.0f s from now",
+                what,
+                reason,
+                failures + 1,
+                delay,
+                left,
+                extra={"fields": {"failures": failures, "retry_in": round(delay, 3)}},
+            )
+            time.sleep(delay)
 
 
 def _settings(args: argparse.Namespace, **overrides: Any) -> Settings:
@@ -71,29 +116,37 @@ def cmd_oci_metrics(args: argparse.Namespace) -> int:
 
 
 def cmd_fetch(args: argparse.Namespace) -> int:
+    from .downloads import FetchUnavailable, redact_source
     from .sources import fetch_model
 
     settings = _settings(args, model=args.source, model_sha256=args.sha256)
     configure_logging(settings.log_level, settings.log_format)
-    info = fetch_model(
-        settings.model,
-        settings.models_dir,
-        sha256=settings.model_sha256,
-        progress_interval=settings.progress_interval,
-        hf_token_secret=settings.oci_hf_token_secret,
-    )
-    print(info.path)
+
+    def fetch(source: str, sha256: str | None) -> Path:
+        # A failure that may pass is tried again in this process, so the unit's start (and the
+        # node's, which waits for it) fails only once the fetch gives up. A download cut off
+        # resumes from its .part file (or huggingface_hub's .incomplete one) as a new start would.
+        info = retrying(
+            f"fetching {redact_source(source)}",
+            lambda: fetch_model(
+                source,
+                settings.models_dir,
+                sha256=sha256,
+                progress_interval=settings.progress_interval,
+                hf_token_secret=settings.oci_hf_token_secret,
+            ),
+            lambda exc: isinstance(exc, FetchUnavailable) and exc.retry_in_process,
+            retry_for=args.retry_for,
+            first_delay=args.retry_delay,
+            max_delay=args.retry_max_delay,
+        )
+        return info.path
+
+    print(fetch(settings.model, settings.model_sha256))
     if args.source is None and settings.embedding_model:
         # The fetch unit runs `fetch` alone: the embedding model too, so the node (whose
         # models directory is read-only) finds both fetched and verified.
-        embedding = fetch_model(
-            settings.embedding_model,
-            settings.models_dir,
-            sha256=settings.embedding_model_sha256,
-            progress_interval=settings.progress_interval,
-            hf_token_secret=settings.oci_hf_token_secret,
-        )
-        print(embedding.path)
+        print(fetch(settings.embedding_model, settings.embedding_model_sha256))
     return 0
 
 
@@ -283,6 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     fetch.add_argument("source", nargs="?", default=None, help="model source (default: settings)")
     fetch.add_argument("--sha256", default=None, help="expected sha256 of the file")
+    _retry_options(fetch, "a failure that may pass (network, HTTP 408/429/5xx)")
     fetch.set_defaults(func=cmd_fetch)
 
     info = sub.add_parser("info", help="print a model's metadata")
@@ -390,6 +444,38 @@ def build_parser() -> argparse.ArgumentParser:
     settings.add_argument("--markdown", action="store_true", help="the table of every setting")
     settings.set_defaults(func=cmd_settings)
     return parser
+
+
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}")
+    return value
+
+
+def _retry_options(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument(
+        "--retry-for",
+        type=_seconds,
+        default=0.0,
+        metavar="SECONDS",
+        help=f"try again after {what} until SECONDS have passed since the first try "
+        "(default 0: exit at once)",
+    )
+    parser.add_argument(
+        "--retry-delay",
+        type=_seconds,
+        default=5.0,
+        metavar="SECONDS",
+        help="the first wait before trying again; each next one doubles (default 5)",
+    )
+    parser.add_argument(
+        "--retry-max-delay",
+        type=_seconds,
+        default=300.0,
+        metavar="SECONDS",
+        help="the longest wait between tries (default 300); each is 50-100%% of it, at random",
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

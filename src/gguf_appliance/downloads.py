@@ -62,7 +62,22 @@ def redact_source(uri: str) -> str:
 
 
 class FetchUnavailable(ModelError):
-    """The network or the server failed; the same fetch may work later."""
+    """The network or the server failed; the same fetch may work later.
+
+    `fetch --retry-for` tries it again in the same process (a resumed download keeps what it
+    has) unless `retry_in_process` is false: what only a new start of the fetch unit can mend.
+    """
+
+    retry_in_process = True
+
+
+class TokenNotDelivered(FetchUnavailable):
+    """The Hub refused us, OCI_HF_TOKEN_SECRET is set and no token came: the secrets step failed.
+    The token reaches the fetch as a credential at the unit's start, so retrying in the same
+    process cannot bring it; a new start of the unit (its ExecStartPre reads the Vault again) can.
+    """
+
+    retry_in_process = False
 
 
 class _RedactUrls(logging.Filter):
@@ -273,7 +288,7 @@ def download_from_hub(
     token = hub_token_source(vault_secret)
     # No token though the Vault should have given one: the secrets unit failed (the Vault was
     # down, say); the fetch unit's retry starts it again.
-    refused = FetchUnavailable if token is None and vault_secret else ModelError
+    refused = TokenNotDelivered if token is None and vault_secret else ModelError
     try:
         url = hf_hub_url(repo_id, filename, revision=revision, endpoint=endpoint)
         metadata = get_hf_file_metadata(url)
