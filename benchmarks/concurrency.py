@@ -24,7 +24,7 @@ from typing import Any
 from gguf_appliance.gguf_file import inspect_gguf
 from gguf_appliance.settings import DEFAULT_MODEL, physical_cores
 from gguf_appliance.sources import resolve_source
-from peers import Server, free_port, percentile  # this directory: the servers, side by side
+from peers import Server, free_port, llama_cpp_server, percentile  # this directory
 
 ROOT = Path(__file__).resolve().parents[1]
 TOPICS = ["a dragon", "the sea", "a robot", "a village", "the moon", "a cat", "a river", "a clock"]
@@ -312,32 +312,7 @@ def main() -> None:
             port,
         )
 
-    port = free_port()
-    baseline = Server(
-        "llama_cpp.server",
-        [
-            args.baseline_python,
-            "-m",
-            "llama_cpp.server",
-            "--model",
-            str(model),
-            "--n_threads",
-            threads,
-            "--n_threads_batch",
-            threads,
-            "--n_ctx",
-            str(N_CTX),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            # By default a new request cuts off the stream in flight; queue them instead.
-            "--interrupt_requests",
-            "false",
-        ],
-        {},
-        port,
-    )
+    baseline = llama_cpp_server(args.baseline_python, model, threads)
     results: dict[str, Any] = {
         "model": model.name,
         "model_mb": info.file_size / 2**20,

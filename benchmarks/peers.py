@@ -262,6 +262,37 @@ def summarise(
     return table
 
 
+def llama_cpp_server(python: str, model: Path, threads: str, log: Path | None = None) -> Server:
+    """llama-cpp-python's own server on a free port: one request at a time, `N_CTX` tokens."""
+    port = free_port()
+    return Server(
+        "llama_cpp.server",
+        [
+            python,
+            "-m",
+            "llama_cpp.server",
+            "--model",
+            str(model),
+            "--n_threads",
+            threads,
+            "--n_threads_batch",
+            threads,
+            "--n_ctx",
+            str(N_CTX),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            # By default a new request cuts off the stream in flight; queue them instead.
+            "--interrupt_requests",
+            "false",
+        ],
+        {},
+        port,
+        log=log,
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
@@ -340,33 +371,7 @@ def main() -> None:
         port,
         log=log("llama-server"),
     )
-    port = free_port()
-    baseline = Server(
-        "llama_cpp.server",
-        [
-            args.baseline_python,
-            "-m",
-            "llama_cpp.server",
-            "--model",
-            str(model),
-            "--n_threads",
-            threads,
-            "--n_threads_batch",
-            threads,
-            "--n_ctx",
-            str(N_CTX),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            # By default a new request cuts off the stream in flight; queue them instead.
-            "--interrupt_requests",
-            "false",
-        ],
-        {},
-        port,
-        log=log("llama_cpp.server"),
-    )
+    baseline = llama_cpp_server(args.baseline_python, model, threads, log("llama_cpp.server"))
     servers = [ours, *variants, server, baseline]
     if args.only:
         wanted = args.only.split(",")

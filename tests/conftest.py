@@ -43,6 +43,20 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def end_process(process: subprocess.Popen[bytes], *signals: signal.Signals) -> int:
+    """Send a running child `signals`, wait up to 15 s for it to end (then kill it); its exit
+    status."""
+    if process.poll() is None:
+        for sent in signals:
+            process.send_signal(sent)
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    return process.returncode
+
+
 class RunningServer:
     """`gguf-appliance serve` in a child process on a loopback port."""
 
@@ -109,14 +123,7 @@ class RunningServer:
         raise KeyError(name)
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGINT)
-            self.process.send_signal(signal.SIGINT)
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        end_process(self.process, signal.SIGINT, signal.SIGINT)
         self._log.close()
 
 

@@ -358,15 +358,24 @@ def test_url_download_follows_redirects_and_checks_sha256(
     assert "checksum mismatch" in wrong
 
 
-def test_url_resumes_a_part_left_by_an_earlier_run(
+def half_downloaded(
     env: dict[str, str], hub: HubServer, model_path: Path
-) -> None:
+) -> tuple[Path, str, Path, int]:
+    """A .part holding the first half of the model, as a run cut off midway leaves it: the models
+    directory, the file's URL, where it goes, and the bytes already there."""
     models = Path(env["GGUF_APPLIANCE_MODELS_DIR"])
     url = f"{hub.url}/files/{model_path.name}"
     dest = resolve_source(url, models)
     dest.parent.mkdir(parents=True)
     half = model_path.stat().st_size // 2
     dest.with_name(dest.name + ".part").write_bytes(model_path.read_bytes()[:half])
+    return models, url, dest, half
+
+
+def test_url_resumes_a_part_left_by_an_earlier_run(
+    env: dict[str, str], hub: HubServer, model_path: Path
+) -> None:
+    models, url, _, half = half_downloaded(env, hub, model_path)
     info = fetch_model(url, models, sha256=sha256_of(model_path))
     assert sha256_of(info.path) == sha256_of(model_path)
     assert [r for _, _, r in hub.state.requests] == [f"bytes={half}-"]
@@ -650,12 +659,7 @@ def test_a_retry_resumes_the_part_already_downloaded(
     # A transfer cut off (the client's own resumes used up: a server that then answers 503 for a
     # while) leaves its .part; the next try within the run asks for the rest only, as a new start
     # of the unit would.
-    models = Path(env["GGUF_APPLIANCE_MODELS_DIR"])
-    url = f"{hub.url}/files/{model_path.name}"
-    dest = resolve_source(url, models)
-    dest.parent.mkdir(parents=True)
-    half = model_path.stat().st_size // 2
-    dest.with_name(dest.name + ".part").write_bytes(model_path.read_bytes()[:half])
+    _, url, dest, half = half_downloaded(env, hub, model_path)
     hub.state.fail_next = 2
     result = cli(env, url, "--sha256", sha256_of(model_path), *QUICK_RETRIES)
     assert result.returncode == 0, result.stderr

@@ -10,6 +10,8 @@ service and certificates are not stood in here.
 
 from __future__ import annotations
 
+import contextlib
+import http.server
 import itertools
 import os
 import signal
@@ -25,7 +27,7 @@ import httpx
 import pytest
 
 from tests import oci_stand_in
-from tests.conftest import RunningServer, slot_held, wait_until
+from tests.conftest import RunningServer, end_process, slot_held, wait_until
 from tests.oci_stand_in import Received, StandIn
 
 COMPARTMENT = "ocid1.compartment.oc1..aaaaaaaastandin"
@@ -73,15 +75,9 @@ class RunningPublisher:
         return self.log_path.read_text(errors="replace")
 
     def stop(self) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        status = end_process(self.process, signal.SIGTERM)
         self._log.close()
-        return self.process.returncode
+        return status
 
 
 @pytest.fixture
@@ -97,6 +93,31 @@ def start_publisher(tmp_path: Path) -> Iterator[Callable[..., RunningPublisher]]
     yield start
     for publisher in publishers:
         publisher.stop()
+
+
+@contextlib.contextmanager
+def answering_503(port: int) -> Iterator[list[str]]:
+    """A node still loading on `port`: every request gets 503; the paths read, as they come."""
+    reads: list[str] = []
+
+    class Loading(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            reads.append(self.path)
+            self.send_response(503)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", port), Loading)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield reads
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 @pytest.fixture
@@ -177,14 +198,22 @@ def test_the_publisher_posts_the_nodes_load_signed_every_interval(
 
 
 def test_the_node_itself_posts_nothing_even_with_the_oci_settings(
-    tmp_path: Path, monitoring: StandIn, start_server: Callable[..., RunningServer]
+    tmp_path: Path,
+    monitoring: StandIn,
+    start_server: Callable[..., RunningServer],
+    start_publisher: Callable[..., RunningPublisher],
 ) -> None:
     # Its unit may reach loopback only: posting is the publisher's, in a unit of its own.
     config, _ = oci_stand_in.throwaway_oci_config(tmp_path)
-    node = start_server(**publisher_settings(config, monitoring.url, oci_metrics_interval=0.1))
+    settings = publisher_settings(config, monitoring.url, oci_metrics_interval=0.1)
+    node = start_server(**settings)
     body = {"messages": [{"role": "user", "content": "Say hi."}], "max_tokens": 4}
     assert httpx.post(node.url("/generate"), json=body, timeout=30).status_code == 200
-    time.sleep(1)
+    # A publisher with the same settings, to another stand-in: once it has posted five times,
+    # the node has had five of its intervals to post as well.
+    with oci_stand_in.running(lambda request: ACCEPTED) as beside:
+        start_publisher(node, **{**settings, "oci_monitoring_endpoint": beside.url})
+        wait_until(lambda: len(beside.requests()) >= 5, 30, "five posts by the publisher")
     assert monitoring.requests() == []
 
 
@@ -216,8 +245,10 @@ def test_a_node_not_up_yet_or_gone_gives_no_datapoint_and_no_crash(
     # The publisher has found the node gone (it says so once per outage)...
     wait_until(lambda: "cannot read the node's load" in publisher.log(), 30, "the warning")
     count = len(monitoring.requests())
-    # ... and over the next 7 of its intervals posts no made-up zero load.
-    time.sleep(1.5)
+    # ... and while the node comes back, its port answering 503 (loading), reads it 7 more
+    # times and posts no made-up zero load.
+    with answering_503(node.port) as reads:
+        wait_until(lambda: len(reads) >= 7, 30, "seven reads of a node answering 503")
     assert len(monitoring.requests()) == count
     assert publisher.process.poll() is None
 

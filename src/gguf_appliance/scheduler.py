@@ -418,16 +418,14 @@ class SlotScheduler:
                 self._finish(slot, "timeout", now)
             elif not slot.prefilling:
                 generating += 1
-        reads = self._prompt_reads(generating, now)
+        # A step that reads an interactive prompt reads no batch prompt and leaves the batch
+        # streams out: the chat's first token waits for one pass over its own tokens only.
+        chat_reads = any(s.job is not None and not s.job.batch and s.prefilling for s in self.slots)
+        reads = self._prompt_reads(generating, now, chat_reads)
         # The tokens go in in sequence order: with a KV cache per sequence, llama.cpp splits a
         # batch into passes over the weights, one for each run of consecutive sequence ids in
         # the batch's order (llama_batch_allocr::split_equal, sequential), so tokens of
         # sequences 0, 1, 2 and 3 in that order take one pass, and in any other order up to four.
-        # A step that reads an interactive prompt leaves the batch streams out: the chat's first
-        # token waits for one pass over its own tokens, not for theirs too.
-        chat_reads = any(
-            s.job is not None and not s.job.batch and s.seq in reads for s in self.slots
-        )
         for slot in self.slots:
             job = slot.job
             if job is None:
@@ -460,8 +458,9 @@ class SlotScheduler:
             return
         self._decode_and_sample(batch)
 
-    def _prompt_reads(self, generating: int, now: float) -> dict[int, int]:
-        """How many prompt tokens each prefilling slot reads this step (by sequence id)."""
+    def _prompt_reads(self, generating: int, now: float, chat_reads: bool) -> dict[int, int]:
+        """How many prompt tokens each prefilling slot reads this step (by sequence id);
+        `chat_reads`: an interactive prompt is among them."""
         if any(s.job is not None and not s.job.batch for s in self.slots):
             self._chat_seen = now
         near_chat = now - self._chat_seen < CHAT_RECENT
@@ -473,10 +472,8 @@ class SlotScheduler:
             (s for s in self.slots if s.prefilling),
             key=lambda s: (s.job is not None and s.job.batch, s.started),
         )
-        # A step that reads an interactive prompt reads no batch prompt, and with interactive
-        # requests about, batch prompts are read BATCH_PREFILL tokens a step: a chat's first
-        # token waits for few batch prompt tokens.
-        chat_reads = any(s.job is not None and not s.job.batch for s in prefilling)
+        # With interactive requests about, batch prompts are read BATCH_PREFILL tokens a step:
+        # a chat's first token waits for few batch prompt tokens.
         reads: dict[int, int] = {}
         for slot in prefilling:
             if budget <= 0:
