@@ -112,9 +112,12 @@ class RunningServer:
         self._log.flush()
         return self.log_path.read_text(errors="replace")[-4000:]
 
-    def metric(self, name: str, default: float | None = None) -> float:
-        """A sample's value from /metrics: `name` with its labels as Prometheus prints them."""
-        text = httpx.get(self.url("/metrics"), timeout=5).text
+    def metric(
+        self, name: str, default: float | None = None, client: httpx.Client | None = None
+    ) -> float:
+        """A sample's value from /metrics: `name` with its labels as Prometheus prints them
+        (read with `client`, if given, on its kept connection)."""
+        text = (client.get if client else httpx.get)(self.url("/metrics"), timeout=5).text
         for line in text.splitlines():
             if line.startswith(name + " "):
                 return float(line.rsplit(" ", 1)[1])
