@@ -308,7 +308,7 @@ def test_the_fetch_units_credential_is_named_when_the_hub_refuses_its_token(
     ) in line
     # Trying again within the same run cannot bring the token (it comes with the unit's start):
     # --retry-for exits 75 at once, without a retry.
-    result = cli(unit, "hf://acme/private/model.gguf", *QUICK_RETRIES)
+    result = cli(unit, "hf://acme/private/model.gguf", *quick_retries())
     assert result.returncode == EXIT_TEMPORARY
     assert "no Hugging Face token reached the fetch" in one_line_error(result)
     assert RETRY_LOGGED not in result.stderr
@@ -622,8 +622,12 @@ def test_health_ready_shows_a_failed_fetch_without_the_urls_secrets(
 
 # --- retries within one run (`fetch --retry-for`, as the fetch unit runs it) ---
 
-# Short waits for the tests; the unit's are 5 s doubling to 5 min.
-QUICK_RETRIES = ("--retry-for", "120", "--retry-delay", "0.05", "--retry-max-delay", "0.2")
+
+def quick_retries(retry_for: str = "120") -> tuple[str, ...]:
+    """Short waits for the tests; the unit's are 5 s doubling to 5 min."""
+    return ("--retry-for", retry_for, "--retry-delay", "0.05", "--retry-max-delay", "0.2")
+
+
 RETRY_LOGGED = "giving up"  # in each retry's log line
 
 
@@ -635,7 +639,7 @@ def test_a_hub_failing_for_a_while_is_tried_again_within_one_run(
     env: dict[str, str], hub: HubServer, model_path: Path
 ) -> None:
     hub.state.fail_next = 3
-    result = cli(env, "hf://acme/smol/SmolLM2-135M-Instruct.Q4_1.gguf", *QUICK_RETRIES)
+    result = cli(env, "hf://acme/smol/SmolLM2-135M-Instruct.Q4_1.gguf", *quick_retries())
     assert result.returncode == 0, result.stderr
     assert hub.state.fail_next == 0
     logged = retries_logged(result)
@@ -661,7 +665,7 @@ def test_a_retry_resumes_the_part_already_downloaded(
     # of the unit would.
     _, url, dest, half = half_downloaded(env, hub, model_path)
     hub.state.fail_next = 2
-    result = cli(env, url, "--sha256", sha256_of(model_path), *QUICK_RETRIES)
+    result = cli(env, url, "--sha256", sha256_of(model_path), *quick_retries())
     assert result.returncode == 0, result.stderr
     assert len(retries_logged(result)) == 2, result.stderr
     assert [r for _, _, r in hub.state.requests] == [f"bytes={half}-"] * 3
@@ -693,16 +697,7 @@ def test_what_will_not_pass_is_not_tried_again(
 
 def test_the_retries_end_at_their_deadline_with_75(env: dict[str, str], hub: HubServer) -> None:
     hub.state.fail_next = 10_000
-    result = cli(
-        env,
-        "hf://acme/smol/SmolLM2-135M-Instruct.Q4_1.gguf",
-        "--retry-for",
-        "1",
-        "--retry-delay",
-        "0.05",
-        "--retry-max-delay",
-        "0.2",
-    )
+    result = cli(env, "hf://acme/smol/SmolLM2-135M-Instruct.Q4_1.gguf", *quick_retries("1"))
     assert result.returncode == EXIT_TEMPORARY
     assert "the Hub answered HTTP 503" in one_line_error(result)
     assert len(retries_logged(result)) >= 2, result.stderr

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import pytest
 
-from gguf_appliance.downloads import HF_TOKEN_FILE
 from gguf_appliance.install import UNITS, InstallPlan, rendered_files
 from gguf_appliance.oci_secrets import DEFAULT_HF_TOKEN_FILE
 from gguf_appliance.resources import shipped, static_dir
@@ -387,7 +386,6 @@ def test_the_hf_token_reaches_the_fetch_unit_alone_as_a_credential() -> None:
     # systemd copies the root-only file the secrets unit writes into the fetch unit's credentials
     # directory, readable by its user only; huggingface_hub reads it there.
     assert fetch["LoadCredential"] == [f"hf-token:{DEFAULT_HF_TOKEN_FILE}"]
-    assert str(DEFAULT_HF_TOKEN_FILE) == HF_TOKEN_FILE
     assert (
         "HF_TOKEN_PATH=/run/credentials/gguf-appliance-fetch.service/hf-token"
         in (fetch["Environment"])

@@ -336,7 +336,28 @@ def build_parser() -> argparse.ArgumentParser:
     )
     fetch.add_argument("source", nargs="?", default=None, help="model source (default: settings)")
     fetch.add_argument("--sha256", default=None, help="expected sha256 of the file")
-    _retry_options(fetch, "a failure that may pass (network, HTTP 408/429/5xx)")
+    fetch.add_argument(
+        "--retry-for",
+        type=_seconds,
+        default=0.0,
+        metavar="SECONDS",
+        help="try again after a failure that may pass (network, HTTP 408/429/5xx) until SECONDS "
+        "have passed since the first try (default 0: exit at once)",
+    )
+    fetch.add_argument(
+        "--retry-delay",
+        type=_seconds,
+        default=5.0,
+        metavar="SECONDS",
+        help="the first wait before trying again; each next one doubles (default 5)",
+    )
+    fetch.add_argument(
+        "--retry-max-delay",
+        type=_seconds,
+        default=300.0,
+        metavar="SECONDS",
+        help="the longest wait between tries (default 300); each is 50-100%% of it, at random",
+    )
     fetch.set_defaults(func=cmd_fetch)
 
     info = sub.add_parser("info", help="print a model's metadata")
@@ -451,31 +472,6 @@ def _seconds(text: str) -> float:
     if not value >= 0 or value == float("inf"):
         raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}")
     return value
-
-
-def _retry_options(parser: argparse.ArgumentParser, what: str) -> None:
-    parser.add_argument(
-        "--retry-for",
-        type=_seconds,
-        default=0.0,
-        metavar="SECONDS",
-        help=f"try again after {what} until SECONDS have passed since the first try "
-        "(default 0: exit at once)",
-    )
-    parser.add_argument(
-        "--retry-delay",
-        type=_seconds,
-        default=5.0,
-        metavar="SECONDS",
-        help="the first wait before trying again; each next one doubles (default 5)",
-    )
-    parser.add_argument(
-        "--retry-max-delay",
-        type=_seconds,
-        default=300.0,
-        metavar="SECONDS",
-        help="the longest wait between tries (default 300); each is 50-100%% of it, at random",
-    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
