@@ -16,6 +16,7 @@ import pytest
 from gguf_appliance.cli import settings_markdown
 from gguf_appliance.errors import ModelError
 from gguf_appliance.gguf_file import inspect_gguf
+from gguf_appliance.server import spinning_openmp
 from gguf_appliance.sources import sha256_of
 
 from .conftest import wait_until
@@ -173,3 +174,18 @@ def test_serve_with_wrong_typed_metadata_says_why_on_ready_and_stays_up(
     node.wait_live()  # up and saying why; no restart would help
     assert node.process.poll() is None
     assert "Traceback" not in node.log()
+
+
+def test_serve_warns_of_openmp_workers_that_would_spin_while_idle(
+    tmp_path: Path, start_server: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A model that fails to load: the node stays up and never decodes, so the spinning
+    # workers this warns of are never started here.
+    monkeypatch.setenv("OMP_WAIT_POLICY", "Active")
+    model = small_gguf(tmp_path / "odd.gguf", llama__context_length="4096")
+    node = start_server(ready=False, model=str(model))
+    node.wait_live()
+    assert "OMP_WAIT_POLICY=active: llama.cpp's worker threads will spin" in node.log()
+    assert spinning_openmp({"GOMP_SPINCOUNT": "INFINITE"}) == "GOMP_SPINCOUNT=infinite"
+    assert spinning_openmp({"OMP_WAIT_POLICY": "passive", "GOMP_SPINCOUNT": "300000"}) is None
+    assert spinning_openmp({}) is None

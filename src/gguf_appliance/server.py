@@ -12,8 +12,10 @@ API is meant to be open: anywhere else it would be anyone's.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import time
+from collections.abc import Mapping
 from types import FrameType
 
 import uvicorn
@@ -70,7 +72,31 @@ def refuse_open_public_api(settings: Settings, keys: ApiKeys) -> None:
         )
 
 
+def spinning_openmp(environ: Mapping[str, str]) -> str | None:
+    """Why llama.cpp's OpenMP workers would spin for ever under this environment, if they would.
+
+    libgomp's workers spin a while at each barrier, then sleep. `OMP_WAIT_POLICY=active` or an
+    infinite `GOMP_SPINCOUNT` makes them spin on every core also while the node is idle
+    (docs/benchmarks.md: every other process on a 2-core machine fell to a third of its rate).
+    """
+    policy = environ.get("OMP_WAIT_POLICY", "").strip().lower()
+    spins = environ.get("GOMP_SPINCOUNT", "").strip().lower()
+    if policy == "active":
+        return "OMP_WAIT_POLICY=active"
+    if spins in ("infinite", "infinity"):
+        return f"GOMP_SPINCOUNT={spins}"
+    return None
+
+
 def serve(settings: Settings) -> None:
+    spinning = spinning_openmp(os.environ)
+    if spinning:
+        log.warning(
+            "%s: llama.cpp's worker threads will spin on every core even while the node is "
+            "idle, starving everything else on the machine; unset it (libgomp's default spins "
+            "briefly, then sleeps)",
+            spinning,
+        )
     app: Starlette = create_app(settings)
     refuse_open_public_api(settings, app.state.api_keys)
     config = uvicorn.Config(
