@@ -344,7 +344,7 @@ def main() -> None:
             **dict(e.split("=", 1) for e in env),
         }
         command = [sys.executable, "-m", "gguf_appliance.cli", "serve"]
-        return Server(name, command, settings, port, log=log(name.replace(" ", "_")))
+        return Server(name, command, settings, port, log=log(name.replace(" ", "_").replace("/", "_")))
 
     ours = appliance("gguf-appliance", args.env)
     variants = [appliance(f"gguf-appliance {v}", [*args.env, *v.split(",")]) for v in args.variant]
