@@ -344,7 +344,8 @@ def main() -> None:
             **dict(e.split("=", 1) for e in env),
         }
         command = [sys.executable, "-m", "gguf_appliance.cli", "serve"]
-        return Server(name, command, settings, port, log=log(name.replace(" ", "_").replace("/", "_")))
+        filename = name.replace(" ", "_").replace("/", "_")  # a variant may name a path
+        return Server(name, command, settings, port, log=log(filename))
 
     ours = appliance("gguf-appliance", args.env)
     variants = [appliance(f"gguf-appliance {v}", [*args.env, *v.split(",")]) for v in args.variant]
