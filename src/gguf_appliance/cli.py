@@ -17,7 +17,7 @@ from pydantic import ValidationError
 from .errors import ModelError
 from .keys import KeyFileError
 from .logs import configure_logging
-from .settings import ENV_PREFIX, Settings, load_settings
+from .settings import DEFAULT_ENV_FILE, ENV_PREFIX, Settings, load_settings
 
 # sysexits' EX_TEMPFAIL: a fetch that may work later (the network, a server's 5xx). Every other
 # failure exits 1 or 2, which the fetch unit does not retry: a wrong checksum stays wrong.
@@ -318,7 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--env-file",
         type=Path,
         default=None,
-        help=f"settings file (default: ${ENV_PREFIX}ENV_FILE or /etc/gguf-appliance/appliance.env)",
+        help=f"settings file (default: ${ENV_PREFIX}ENV_FILE or {DEFAULT_ENV_FILE})",
     )
     sub = parser.add_subparsers(dest="command", required=True)
 

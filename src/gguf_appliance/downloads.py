@@ -24,6 +24,7 @@ from tqdm.std import tqdm as Tqdm
 from .errors import ModelError
 from .oci_secrets import DEFAULT_HF_TOKEN_FILE as HF_TOKEN_FILE
 from .progress import new_bar
+from .settings import DEFAULT_ENV_FILE
 
 log = logging.getLogger("gguf_appliance.fetch")
 
@@ -206,13 +207,10 @@ def download_url(url: str, part: Path, progress: type[Tqdm[Any]], *, https_only:
             bar.close()
 
 
-# HF_TOKEN_FILE: where `gguf-appliance install`'s fetch unit finds the token. systemd copies this
-# root-only file (gguf-appliance-secrets writes it from an OCI Vault secret) into the unit's
-# credentials.
 _NO_TOKEN = (
     "give a token: HF_TOKEN, or a file named by HF_TOKEN_PATH; on a node, the OCI Vault secret "
     f"GGUF_APPLIANCE_OCI_HF_TOKEN_SECRET names (written to {HF_TOKEN_FILE}, which the fetch unit "
-    "reads), the file itself, or HF_TOKEN in /etc/gguf-appliance/appliance.env"
+    f"reads), the file itself, or HF_TOKEN in {DEFAULT_ENV_FILE}"
 )
 
 

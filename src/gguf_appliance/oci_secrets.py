@@ -33,6 +33,8 @@ from .settings import Settings
 log = logging.getLogger("gguf_appliance.oci_secrets")
 
 DEFAULT_KEY_FILE = Path("/etc/gguf-appliance/api-keys")
+# Where `gguf-appliance install`'s fetch unit finds the Hugging Face token: systemd copies this
+# root-only file into the unit's credentials.
 DEFAULT_HF_TOKEN_FILE = Path("/etc/gguf-appliance/hf-token")
 
 
